@@ -1,0 +1,1 @@
+"""Pure-PyTorch Llama-family runtime, executable by pieces."""

@@ -1,0 +1,1 @@
+"""Speculative decoding: proposals, sampling, lossless verification, proposers, reference loop."""
