@@ -1,0 +1,183 @@
+"""Single-process reference loop: target-only and speculative generation (data plane).
+
+This is the ground truth the distributed engines are checked against. One batched step reads
+
+    propose (proposer, optional) -> verify (one target forward over [last token, *draft]) ->
+    accept (commit the accepted path in the KV cache) -> emit (append tokens, check stops)
+
+Target-only decoding is the same loop with empty proposals, so both paths share every line of
+sampling and KV bookkeeping.
+
+Invariants:
+* before a step, each sequence's target KV holds every token but the last (``seq_len ==
+  len(tokens) - 1``); the step feeds the last token plus the draft as pending entries;
+* the accepted path (the last token, then accepted draft nodes) is committed, everything else in
+  the step is dropped; the token emitted by the target (bonus or correction) becomes the new last;
+* output stops at the first stop token (kept in the output, like Hugging Face ``generate``) or at
+  ``max_tokens``; tokens verified past a stop are discarded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from actors.spec.proposers import ProposeRequest, Proposer, TreeShape
+from actors.spec.sampling import make_generator
+from actors.spec.types import Proposal, SamplingParams
+from actors.spec.verify import verify
+from actors.step_batch import SeqStep, StepBatch
+
+
+@dataclass
+class SpecStats:
+    """Speculation counters of one request."""
+
+    target_forward_passes: int = 0
+    accepted_lengths: list[int] = field(default_factory=list)  # tokens committed per verify step
+    proposed_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+
+    def record(self, proposal: Proposal, num_accepted: int) -> None:
+        self.accepted_lengths.append(num_accepted + 1)
+        depth = max(proposal.depths, default=-1) + 1
+        for counts, upto in ((self.proposed_by_position, depth), (self.accepted_by_position, num_accepted)):
+            counts.extend([0] * (upto - len(counts)))
+            for j in range(upto):
+                counts[j] += 1
+
+    def _padded_accepted(self) -> list[int]:
+        return self.accepted_by_position + [0] * (len(self.proposed_by_position) - len(self.accepted_by_position))
+
+    def as_dict(self) -> dict:
+        steps = len(self.accepted_lengths)
+        return {
+            "target_forward_passes": self.target_forward_passes,
+            "mean_accepted_length": sum(self.accepted_lengths) / steps if steps else 0.0,
+            "accepted_lengths": list(self.accepted_lengths),
+            "acceptance_by_position": [
+                accepted / proposed
+                for accepted, proposed in zip(self._padded_accepted(), self.proposed_by_position)
+            ],
+        }
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens only
+    finish_reason: str  # "stop" or "length"
+    stats: dict
+
+
+@dataclass
+class _Seq:
+    req_id: int
+    tokens: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    num_prompt: int
+    stats: SpecStats = field(default_factory=SpecStats)
+    finish_reason: str | None = None
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.num_prompt :]
+
+    def emit(self, token_ids: Sequence[int]) -> None:
+        """Append verified tokens, stopping at a stop token or at max_tokens."""
+        for token in token_ids:
+            self.tokens.append(int(token))
+            if token in self.params.stop_token_ids:
+                self.finish_reason = "stop"
+                return
+            if len(self.output) >= self.params.max_tokens:
+                self.finish_reason = "length"
+                return
+
+
+@torch.inference_mode()
+def generate(
+    target,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams],
+    *,
+    proposer: Proposer | None = None,
+    num_draft_tokens: int = 4,
+    tree: TreeShape | None = None,
+    kv_budget_bytes: int | None = None,
+    block_size: int = 16,
+) -> list[GenerationResult]:
+    """Generate for every prompt in one batch; speculative when a proposer is given."""
+    params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(params_list) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling parameters")
+    shape = tree or TreeShape.chain(num_draft_tokens)
+    vocab, max_context = target.config.vocab_size, target.config.max_context
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
+        if len(prompt) >= max_context:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens; the model's context is {max_context}")
+
+    if kv_budget_bytes is None:
+        tokens = sum(min(len(p) + sp.max_tokens + shape.num_nodes + 1, max_context + shape.num_nodes + 1) + block_size
+                     for p, sp in zip(prompts, params_list))
+        kv_budget_bytes = tokens * target.kv_bytes_per_token
+    cache = target.make_kv_cache(kv_budget_bytes, block_size=block_size)
+    seqs = [
+        _Seq(i, list(p), sp, make_generator(sp, cache.device), len(p))
+        for i, (p, sp) in enumerate(zip(prompts, params_list))
+    ]
+    for seq in seqs:
+        cache.add_sequence(seq.req_id)
+
+    # Prefill every prompt in one ragged step; the first token comes from the target alone.
+    batch = StepBatch.build(cache, [SeqStep(s.req_id, s.tokens, logits="last") for s in seqs])
+    logits = target.forward(batch, cache)
+    for seq, row in zip(seqs, batch.split_logits(logits)):
+        cache.commit(seq.req_id)
+        seq.stats.target_forward_passes += 1
+        seq.emit(verify(Proposal.empty(), row, seq.params, seq.generator).token_ids)
+
+    active = [s for s in seqs if s.finish_reason is None]
+    while active:
+        proposals = _propose(proposer, active, shape, max_context, vocab)
+        steps = [
+            SeqStep(s.req_id, [s.tokens[-1], *p.token_ids.tolist()], parents=[-1, *(q + 1 for q in p.parents)])
+            for s, p in zip(active, proposals)
+        ]
+        batch = StepBatch.build(cache, steps)
+        rows = batch.split_logits(target.forward(batch, cache))
+        for seq, proposal, row in zip(active, proposals, rows):
+            verdict = verify(proposal, row, seq.params, seq.generator)
+            cache.commit(seq.req_id, [0, *(a + 1 for a in verdict.accepted)])
+            seq.stats.target_forward_passes += 1
+            seq.stats.record(proposal, verdict.num_accepted)
+            seq.emit(verdict.token_ids)
+            if seq.finish_reason is None and len(seq.tokens) >= max_context:
+                seq.finish_reason = "length"
+        for seq in active:
+            if seq.finish_reason is not None:
+                cache.free(seq.req_id)
+                if proposer is not None:
+                    proposer.finish(seq.req_id)
+        active = [s for s in active if s.finish_reason is None]
+
+    return [GenerationResult(s.output, s.finish_reason, s.stats.as_dict()) for s in seqs]
+
+
+def _propose(proposer, seqs: list[_Seq], shape: TreeShape, max_context: int, vocab: int) -> list[Proposal]:
+    """Ask the proposer for drafts; sequences too close to the context end get none."""
+    if proposer is None:
+        return [Proposal.empty() for _ in seqs]
+    room = [s for s in seqs if len(s.tokens) + shape.num_nodes < max_context]
+    proposals = proposer.propose([ProposeRequest(s.req_id, s.tokens, s.params) for s in room], shape) if room else []
+    for proposal in proposals:
+        if len(proposal) and not 0 <= int(proposal.token_ids.min()) <= int(proposal.token_ids.max()) < vocab:
+            raise ValueError(f"proposer returned token ids outside the vocabulary [0, {vocab})")
+    drafted = dict(zip((s.req_id for s in room), proposals))
+    return [drafted.get(s.req_id, Proposal.empty()) for s in seqs]
