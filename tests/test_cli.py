@@ -23,7 +23,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
     no_weights = root / "no-weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text((target / "config.json").read_text())
-    return {"target": target, "draft": draft, "other": other, "no_weights": no_weights}
+    write_tiny_tokenizer(no_weights)
+    no_tokenizer = write_tiny_checkpoint(root / "no-tokenizer", num_layers=2, with_tokenizer=False)
+    return {"target": target, "draft": draft, "other": other, "no_weights": no_weights,
+            "no_tokenizer": no_tokenizer}
 
 
 def run_json(capsys, *args: str) -> dict:
@@ -115,9 +118,14 @@ def test_checkpoint_without_weights(models, capsys):
     assert "no-weights" in err and "no weight files" in err
 
 
+def test_checkpoint_without_tokenizer(models, capsys):
+    err = run_error(capsys, "--model", str(models["no_tokenizer"]), "--prompt", PROMPT)
+    assert "no-tokenizer" in err and "tokenizer" in err
+
+
 def test_draft_with_another_tokenizer(models, capsys):
     err = run_error(capsys, "--model", str(models["target"]), "--draft", str(models["other"]), "--prompt", PROMPT)
-    assert "--draft" in err and "differs" in err
+    assert "--draft" in err and "differ" in err
 
 
 def test_usage_errors_and_help(capsys):

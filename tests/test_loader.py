@@ -23,7 +23,12 @@ from actors.model.loader import (
     load_config,
     load_model,
 )
-from actors.model.tokenizer import TokenizerLoadError, TokenizerMismatchError, ensure_same_tokenizer, load_tokenizer
+from actors.model.tokenizer import (
+    TokenizerLoadError,
+    TokenizerMismatchError,
+    ensure_same_tokenizer,
+    load_tokenizer,
+)
 from actors.step_batch import SeqStep, StepBatch
 from tests.tiny_models import write_tiny_checkpoint, write_tiny_gguf, write_tiny_tokenizer
 

@@ -65,7 +65,7 @@ def test_target_only_matches_transformers(target_path, reference):
     hf = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32)
     for prompt, ours in zip(PROMPTS[:3], reference):
         out = hf.generate(torch.tensor([prompt]), max_new_tokens=GREEDY.max_tokens, do_sample=False,
-                          min_new_tokens=GREEDY.max_tokens, pad_token_id=0)
+                          eos_token_id=None, pad_token_id=0)
         assert out[0, len(prompt):].tolist() == ours
 
 

@@ -173,12 +173,19 @@ class LlamaModel(nn.Module):
     @torch.no_grad()
     def forward(self, batch: StepBatch, cache: PagedKVCache) -> torch.Tensor:
         """Whole step: logits [len(batch.logits_index), V] float32 for the wanted rows only."""
-        if not (self.has_embed and self.has_head and self.first_layer == 0 and self.end_layer == self.config.num_layers):
+        whole = self.first_layer == 0 and self.end_layer == self.config.num_layers
+        if not (self.has_embed and self.has_head and whole):
             raise RuntimeError("forward needs the whole model; run the pieces (embed/run_layers/head) instead")
         hidden = self.run_layers(self.embed(batch.input_ids), batch, cache)
         return self.head(hidden.index_select(0, batch.logits_index))
 
     # ----------------------------------------------------------------- helpers
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes one token costs across the held layers (K and V)."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_held_layers * self.config.num_kv_heads * self.config.head_dim * element
+
     def make_kv_cache(self, budget_bytes: int, block_size: int = 16) -> PagedKVCache:
         """A paged KV cache for the held layers, in this model's dtype and device."""
         if self.num_held_layers == 0:
@@ -244,8 +251,9 @@ class LlamaModel(nn.Module):
         """Copy one HF-named tensor (shape checked by the caller) into its (possibly fused) slot."""
         cfg = self.config
         if name == "model.embed_tokens.weight":
-            targets = [t for t in (self.embed_tokens, self.lm_head if cfg.tie_word_embeddings else None) if t is not None]
-            for target in {id(t): t for t in targets}.values():
+            tied_head = self.lm_head if cfg.tie_word_embeddings else None
+            targets = [t for t in (self.embed_tokens, tied_head) if t is not None]
+            for target in {id(t): t for t in targets}.values():  # tied + both held: one tensor
                 target.copy_(tensor)
             return
         if name == "lm_head.weight":
