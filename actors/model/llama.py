@@ -180,12 +180,6 @@ class LlamaModel(nn.Module):
         return self.head(hidden.index_select(0, batch.logits_index))
 
     # ----------------------------------------------------------------- helpers
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """KV cache bytes one token costs across the held layers (K and V)."""
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_held_layers * self.config.num_kv_heads * self.config.head_dim * element
-
     def make_kv_cache(self, budget_bytes: int, block_size: int = 16) -> PagedKVCache:
         """A paged KV cache for the held layers, in this model's dtype and device."""
         if self.num_held_layers == 0:
