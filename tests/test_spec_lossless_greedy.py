@@ -161,3 +161,17 @@ def test_bad_inputs(target):
         generate(target, [[1, 2]], GREEDY, proposer=FunctionProposer(lambda ids, k: [10**6]))
     with pytest.raises(ValueError, match="self:N"):
         build_proposer("self:x", target)
+
+
+def test_draft_checkpoint_with_other_tokenizer_is_refused(tmp_path, target_path, target):
+    from actors.model.tokenizer import TokenizerMismatchError
+    from tests.tiny_models import write_tiny_tokenizer
+
+    target_dir = write_tiny_checkpoint(tmp_path / "target", num_layers=2)
+    same = write_tiny_checkpoint(tmp_path / "same", num_layers=1, seed=5)
+    proposer = build_proposer(str(same), target, target_path=target_dir, kv_budget_tokens=512)
+    assert isinstance(proposer, DraftModelProposer) and proposer.model.config.num_layers == 1
+    other = write_tiny_checkpoint(tmp_path / "other", num_layers=1, seed=5, with_tokenizer=False)
+    write_tiny_tokenizer(other, variant=1)
+    with pytest.raises(TokenizerMismatchError):
+        build_proposer(str(other), target, target_path=target_dir)
