@@ -113,7 +113,9 @@ def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One draw per row of probs [N, V] -> [N] int64, reproducible under a seeded generator."""
-    return sample_from_uniforms(probs, _uniforms([generator] * probs.shape[0], probs.device))
+    device = generator.device if generator is not None else probs.device
+    uniforms = torch.rand(probs.shape[0], generator=generator, dtype=torch.float64, device=device)
+    return sample_from_uniforms(probs, uniforms)
 
 
 def sample_next(
