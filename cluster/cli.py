@@ -153,17 +153,39 @@ def _run_generate(args: argparse.Namespace) -> int:
     _check_generate_args(args)
     real_stdout = sys.stdout
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    stream = None if args.json else _TextStream(real_stdout)
     with quiet:
-        result = _generate(args)
+        result = _generate(args, stream)
     if args.json:
         print(json.dumps(result), file=real_stdout)
     else:
-        print(result["text"], file=real_stdout, flush=True)
+        stream.finish(result["text"])
         print(_summary(result), file=sys.stderr)
     return 0
 
 
-def _generate(args: argparse.Namespace) -> dict:
+class _TextStream:
+    """Prints text as tokens are accepted: decodes the whole output each time and writes the new
+    suffix, so characters split across tokens come out whole."""
+
+    def __init__(self, out) -> None:
+        self.out, self.tokenizer, self.ids, self.printed = out, None, [], ""
+
+    def __call__(self, index: int, token_ids: list[int]) -> None:
+        self.ids.extend(token_ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            self.out.write(text[len(self.printed) :])
+            self.out.flush()
+            self.printed = text
+
+    def finish(self, text: str) -> None:
+        self.out.write(text[len(self.printed) :] if text.startswith(self.printed) else "\n" + text)
+        self.out.write("\n")
+        self.out.flush()
+
+
+def _generate(args: argparse.Namespace, stream: _TextStream | None = None) -> dict:
     """Resolve, load, generate: every step is a call into the data plane."""
     import torch
 
@@ -201,6 +223,8 @@ def _generate(args: argparse.Namespace) -> dict:
         raise CliError(f"--draft {draft_spec}: {exc}") from None
 
     prompt_ids = _encode_prompt(tokenizer, args.prompt, args.chat)
+    if stream is not None:
+        stream.tokenizer = tokenizer
     stop_ids = set(model.config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         stop_ids.add(int(tokenizer.eos_token_id))
@@ -215,7 +239,7 @@ def _generate(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     try:
         (result,) = generate(model, [prompt_ids], params, proposer=proposer,
-                             num_draft_tokens=args.num_draft_tokens)
+                             num_draft_tokens=args.num_draft_tokens, on_tokens=stream)
     except ValueError as exc:  # input the model cannot take, e.g. a prompt longer than its context
         raise CliError(str(exc)) from None
     elapsed = time.perf_counter() - start

@@ -175,3 +175,10 @@ def test_draft_checkpoint_with_other_tokenizer_is_refused(tmp_path, target_path,
     write_tiny_tokenizer(other, variant=1)
     with pytest.raises(TokenizerMismatchError):
         build_proposer(str(other), target, target_path=target_dir)
+
+
+def test_streaming_callback_sees_every_accepted_token_in_order(target, perturbed_draft, reference):
+    streamed = {i: [] for i in range(len(PROMPTS))}
+    results = generate(target, PROMPTS, GREEDY, proposer=draft_proposer(perturbed_draft, target),
+                       on_tokens=lambda i, ids: streamed[i].extend(ids))
+    assert [streamed[i] for i in range(len(PROMPTS))] == [r.token_ids for r in results] == reference

@@ -19,7 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -108,8 +108,12 @@ def generate(
     tree: TreeShape | None = None,
     kv_budget_bytes: int | None = None,
     block_size: int = 16,
+    on_tokens: Callable[[int, list[int]], None] | None = None,
 ) -> list[GenerationResult]:
-    """Generate for every prompt in one batch; speculative when a proposer is given."""
+    """Generate for every prompt in one batch; speculative when a proposer is given.
+
+    ``on_tokens(prompt_index, new_token_ids)`` is called each time tokens are accepted (streaming).
+    """
     params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if len(params_list) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling parameters")
@@ -141,7 +145,7 @@ def generate(
     for seq, row in zip(seqs, batch.split_logits(logits)):
         cache.commit(seq.req_id)
         seq.stats.target_forward_passes += 1
-        seq.emit(verify(Proposal.empty(), row, seq.params, seq.generator).token_ids)
+        _emit(seq, verify(Proposal.empty(), row, seq.params, seq.generator).token_ids, on_tokens)
 
     active = [s for s in seqs if s.finish_reason is None]
     while active:
@@ -157,7 +161,7 @@ def generate(
             cache.commit(seq.req_id, [0, *(a + 1 for a in verdict.accepted)])
             seq.stats.target_forward_passes += 1
             seq.stats.record(proposal, verdict.num_accepted)
-            seq.emit(verdict.token_ids)
+            _emit(seq, verdict.token_ids, on_tokens)
             if seq.finish_reason is None and len(seq.tokens) >= max_context:
                 seq.finish_reason = "length"
         for seq in active:
@@ -168,6 +172,13 @@ def generate(
         active = [s for s in active if s.finish_reason is None]
 
     return [GenerationResult(s.output, s.finish_reason, s.stats.as_dict()) for s in seqs]
+
+
+def _emit(seq: _Seq, token_ids: list[int], on_tokens) -> None:
+    before = len(seq.tokens)
+    seq.emit(token_ids)
+    if on_tokens is not None:
+        on_tokens(seq.req_id, seq.tokens[before:])
 
 
 def _propose(proposer, seqs: list[_Seq], shape: TreeShape, max_context: int, vocab: int) -> list[Proposal]:
