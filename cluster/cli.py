@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -126,14 +127,16 @@ def main(argv: list[str] | None = None) -> int:
 def _check_generate_args(args: argparse.Namespace) -> None:
     if not args.prompt.strip():
         raise CliError("--prompt is empty")
-    if args.max_tokens <= 0:
-        raise CliError(f"--max-tokens must be positive, got {args.max_tokens}")
-    if not args.temperature >= 0.0:
-        raise CliError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if not 0.0 < args.top_p <= 1.0:
-        raise CliError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise CliError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
+    from actors.spec.types import SamplingParams
+
+    try:  # SamplingParams validates; its messages name the field, which we name as the flag
+        args.sampling = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+            max_tokens=args.max_tokens,
+        )
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        raise CliError(f"--{field.replace('_', '-')} {rest}") from None
     if args.num_draft_tokens <= 0:
         raise CliError(f"--num-draft-tokens must be positive, got {args.num_draft_tokens}")
     if args.model is not None and not Path(args.model).exists():
@@ -194,8 +197,6 @@ def _generate(args: argparse.Namespace, stream: _TextStream | None = None) -> di
     from actors.model.tokenizer import load_tokenizer
     from actors.spec.proposers import build_proposer
     from actors.spec.reference import generate
-    from actors.spec.types import SamplingParams
-
     from cluster.demo_model import DemoModelError, ensure_demo_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -228,13 +229,7 @@ def _generate(args: argparse.Namespace, stream: _TextStream | None = None) -> di
     stop_ids = set(model.config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         stop_ids.add(int(tokenizer.eos_token_id))
-    try:
-        params = SamplingParams(
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-            max_tokens=args.max_tokens, stop_token_ids=tuple(sorted(stop_ids)),
-        )
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    params = dataclasses.replace(args.sampling, stop_token_ids=tuple(sorted(stop_ids)))
 
     start = time.perf_counter()
     try:
