@@ -1,0 +1,195 @@
+"""Point-to-point tensor channel between Ray actors over ``torch.distributed`` (data plane).
+
+The control plane picks a free TCP port on the rank-0 host and tells every actor
+``init_transport(addr, port, rank, world_size)``; the actors then form one process group
+(NCCL when every rank has its own GPU, gloo otherwise — CPU tests, or draft and target sharing
+one GPU, where NCCL refuses two ranks on one device). Rank 0 is the target, rank 1 the draft;
+more ranks (more drafts, target tensor-parallel peers) can join the same group later.
+
+Wire format of one message (a list of tensors), all sends in this order:
+
+    length  int64 [1]          number of entries in the header
+    header  int64 [L]          num_tensors, then per tensor: dtype code, ndim, *shape
+    data    one send per tensor with at least one element (empty tensors are rebuilt from the header)
+
+Invariants:
+* messages between a pair of ranks are received in the order they were sent, so every sender
+  and receiver pair must agree on the message sequence (the control plane keeps the count);
+* tensors travel only here, never in Ray control messages; received tensors live on this
+  transport's device;
+* ``isend`` keeps the tensors of an asynchronous message alive until the receiver has them.
+
+Two message kinds are defined on top: *proposals* (draft -> target: per request the draft token
+ids, parent indices and optional draft probabilities) and *tokens* (target -> draft: per request
+the tokens the target emitted in a step, so the draft stays in sync with the accepted output).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from actors.spec.types import Proposal
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool]
+_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
+
+
+def node_address() -> str:
+    """This node's address as Ray knows it (127.0.0.1 outside Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A TCP port free on ``addr`` now (the process group's store binds it right after)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((addr, 0))
+        return int(sock.getsockname()[1])
+
+
+def pick_device() -> torch.device:
+    """``cuda`` when Ray assigned this process a GPU and CUDA exists, else ``cpu`` (fake GPUs)."""
+    try:
+        import ray
+
+        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    except ImportError:
+        gpu_ids = []
+    if gpu_ids and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Transport:
+    """One rank of a process group, sending and receiving whole messages (lists of tensors)."""
+
+    def __init__(
+        self,
+        addr: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        device: torch.device | str,
+        *,
+        backend: str | None = None,
+        timeout_s: float = 120.0,
+    ) -> None:
+        self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        if addr in ("127.0.0.1", "localhost"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on loopback
+        dist.init_process_group(
+            self.backend,
+            init_method=f"tcp://{addr}:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        # gloo moves CPU tensors; NCCL moves tensors on this rank's GPU
+        self._wire_device = torch.device("cpu") if self.backend == "gloo" else self.device
+        self._inflight: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
+
+    # ----------------------------------------------------------------- messages
+    def send(self, tensors: Sequence[torch.Tensor], dst: int) -> None:
+        works, _keep = self._post(tensors, dst)
+        for work in works:
+            work.wait()
+
+    def isend(self, tensors: Sequence[torch.Tensor], dst: int) -> None:
+        """Send without waiting for the receiver; the buffers stay referenced until delivered."""
+        self._inflight = [(w, t) for w, t in self._inflight if not all(x.is_completed() for x in w)]
+        self._inflight.append(self._post(tensors, dst))
+
+    def recv(self, src: int) -> list[torch.Tensor]:
+        length = torch.empty(1, dtype=torch.int64, device=self._wire_device)
+        dist.recv(length, src=src)
+        header = torch.empty(int(length.item()), dtype=torch.int64, device=self._wire_device)
+        dist.recv(header, src=src)
+        fields = header.tolist()
+        out, pos = [], 1
+        for _ in range(fields[0]):
+            dtype, ndim = _DTYPES[fields[pos]], fields[pos + 1]
+            shape = fields[pos + 2 : pos + 2 + ndim]
+            pos += 2 + ndim
+            tensor = torch.empty(shape, dtype=dtype, device=self._wire_device)
+            if tensor.numel():
+                dist.recv(tensor, src=src)
+            out.append(tensor.to(self.device))
+        return out
+
+    def close(self) -> None:
+        """Leave the group (undelivered ``isend`` messages are dropped)."""
+        self._inflight = []
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ----------------------------------------------------------------- helpers
+    def _to_wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().to(self._wire_device).contiguous()
+
+    def _post(self, tensors: Sequence[torch.Tensor], dst: int) -> tuple[list[dist.Work], list[torch.Tensor]]:
+        """Post every send of one message; returns the works and the buffers they read."""
+        wire = [self._to_wire(t) for t in tensors]
+        fields = [len(wire)]
+        for t in wire:
+            fields += [_CODE[t.dtype], t.dim(), *t.shape]
+        header = torch.tensor(fields, dtype=torch.int64, device=self._wire_device)
+        length = torch.tensor([header.numel()], dtype=torch.int64, device=self._wire_device)
+        buffers = [t for t in (length, header, *wire) if t.numel()]
+        return [dist.isend(t, dst=dst) for t in buffers], buffers
+
+
+# --------------------------------------------------------------------- message kinds
+def pack_proposals(req_ids: Sequence[int], proposals: Sequence[Proposal]) -> list[torch.Tensor]:
+    """Proposals of one step -> [meta [B, 3] (req_id, n, has_probs), ids_parents [2, N], probs [M, V]].
+
+    ``probs`` stacks the draft probabilities of the proposals that have them (M rows, in order).
+    """
+    meta = torch.tensor(
+        [[int(r), len(p), int(p.draft_probs is not None)] for r, p in zip(req_ids, proposals)], dtype=torch.int64
+    ).reshape(-1, 3)
+    ids = [p.token_ids.reshape(-1).long().cpu() for p in proposals]
+    parents = [torch.tensor(p.parents, dtype=torch.int64) for p in proposals]
+    ids_parents = torch.stack([torch.cat(ids or [torch.zeros(0, dtype=torch.int64)]),
+                               torch.cat(parents or [torch.zeros(0, dtype=torch.int64)])])  # [2, N]
+    with_probs = [p.draft_probs for p in proposals if p.draft_probs is not None]
+    probs = torch.cat(with_probs) if with_probs else torch.zeros(0, 0)  # [M, V]
+    return [meta, ids_parents, probs]
+
+
+def unpack_proposals(tensors: Sequence[torch.Tensor]) -> dict[int, Proposal]:
+    meta, ids_parents, probs = tensors
+    out, start, row = {}, 0, 0
+    for req_id, n, has_probs in meta.tolist():
+        q = probs[row : row + n] if has_probs else None
+        row += n if has_probs else 0
+        out[req_id] = Proposal(ids_parents[0, start : start + n], tuple(ids_parents[1, start : start + n].tolist()), q)
+        start += n
+    return out
+
+
+def pack_tokens(emitted: dict[int, Sequence[int]]) -> list[torch.Tensor]:
+    """Tokens emitted per request -> [meta [B, 2] (req_id, n), token_ids [N]]."""
+    meta = torch.tensor([[int(r), len(t)] for r, t in emitted.items()], dtype=torch.int64).reshape(-1, 2)
+    flat = [int(x) for t in emitted.values() for x in t]
+    return [meta, torch.tensor(flat, dtype=torch.int64)]
+
+
+def unpack_tokens(tensors: Sequence[torch.Tensor]) -> dict[int, list[int]]:
+    meta, flat = tensors
+    flat_list, out, start = flat.tolist(), {}, 0
+    for req_id, n in meta.tolist():
+        out[req_id] = flat_list[start : start + n]
+        start += n
+    return out
