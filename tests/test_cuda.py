@@ -48,3 +48,28 @@ def test_cuda_seeded_sampling_reproduces(path):
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
+
+
+def test_distributed_engine_colocated_on_one_real_gpu(path):
+    """Draft and target actors sharing one real GPU (gloo transport), against the reference."""
+    import os
+
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from cluster.engine import DistributedEngine
+
+    params = SamplingParams(max_tokens=20)
+    reference = generate(load_model(path, dtype=torch.float32, device="cuda"), PROMPTS, params)
+    ray.init(address="local", num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        engine = DistributedEngine.start(str(path), "self:2", 3, target_gpus=0.5, draft_gpus=0.5, colocate=True,
+                                         dtype=torch.float32, kv_budget_tokens=2048, step_timeout_s=60)
+        try:
+            for role, worker in engine.workers.items():
+                assert ray.get(worker.info.remote())["device"].startswith("cuda"), role
+            results = engine.generate(PROMPTS, params)
+        finally:
+            engine.shutdown()
+    finally:
+        ray.shutdown()
+    assert [r.token_ids for r in results] == [r.token_ids for r in reference]
