@@ -34,52 +34,16 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import ray
 import torch
 
-from actors.spec.reference import GenerationResult, SpecStats
+from actors.spec.sequence import GenerationResult, SequenceState
 from actors.spec.types import SamplingParams
 
 
 class EngineError(RuntimeError):
     """A worker died, failed or stopped answering; the engine must be restarted."""
-
-
-@dataclass
-class _Request:
-    req_id: int
-    tokens: list[int]
-    params: SamplingParams
-    num_prompt: int
-    stats: SpecStats = field(default_factory=SpecStats)
-    finish_reason: str | None = None
-
-    @property
-    def output(self) -> list[int]:
-        return self.tokens[self.num_prompt :]
-
-    def emit(self, token_ids: Sequence[int]) -> None:
-        """Append verified tokens, stopping at a stop token (kept) or at max_tokens."""
-        for token in token_ids:
-            self.tokens.append(int(token))
-            if token in self.params.stop_token_ids:
-                self.finish_reason = "stop"
-                return
-            if len(self.output) >= self.params.max_tokens:
-                self.finish_reason = "length"
-                return
-
-    def record(self, num_proposed: int, num_accepted: int) -> None:
-        """One verification step, counted as ``SpecStats.record`` counts a chain of ``num_proposed``."""
-        stats = self.stats
-        stats.target_forward_passes += 1
-        stats.accepted_lengths.append(num_accepted + 1)
-        for counts, upto in ((stats.proposed_by_position, num_proposed), (stats.accepted_by_position, num_accepted)):
-            counts.extend([0] * (upto - len(counts)))
-            for j in range(upto):
-                counts[j] += 1
 
 
 class DistributedEngine:
@@ -188,7 +152,7 @@ class DistributedEngine:
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling parameters")
         self._validate(prompts)
-        reqs = [_Request(next(self._req_ids), list(p), sp, len(p)) for p, sp in zip(prompts, params_list)]
+        reqs = [SequenceState(next(self._req_ids), list(p), sp, len(p)) for p, sp in zip(prompts, params_list)]
         if not reqs:
             return []
         self._admit(reqs)
@@ -197,7 +161,7 @@ class DistributedEngine:
         except EngineError as exc:
             self._failed = str(exc)
             raise
-        return [GenerationResult(r.output, r.finish_reason, r.stats.as_dict()) for r in reqs]
+        return [r.result() for r in reqs]
 
     def kv_free_tokens(self) -> dict[str, int]:
         """Free KV tokens per role (``target``, and ``draft`` when there is one)."""
@@ -207,7 +171,7 @@ class DistributedEngine:
         return dict(zip((role for role, _ in calls), self._call(calls, "kv_free_tokens")))
 
     # ----------------------------------------------------------------- step loop
-    def _run(self, reqs: list[_Request]) -> None:
+    def _run(self, reqs: list[SequenceState]) -> None:
         new = [(r.req_id, list(r.tokens), r.params) for r in reqs]
         calls = [("target", self._target.add_requests.remote(new))]
         if self._draft is not None:
@@ -232,13 +196,13 @@ class DistributedEngine:
             self._count_token_msg()
             for r in active:
                 result = out[r.req_id]
-                r.record(result["num_proposed"], result["num_accepted"])
+                r.stats.record(result["num_proposed"], result["num_accepted"])
                 r.emit(result["token_ids"])
                 if r.finish_reason is None and len(r.tokens) >= self._max_context:
                     r.finish_reason = "length"
             active = self._retire(active)
 
-    def _retire(self, reqs: list[_Request]) -> list[_Request]:
+    def _retire(self, reqs: list[SequenceState]) -> list[SequenceState]:
         """Free finished requests on every worker; return the ones still running."""
         done = [r.req_id for r in reqs if r.finish_reason is not None]
         if done:
@@ -262,7 +226,7 @@ class DistributedEngine:
             if len(prompt) >= self._max_context:
                 raise ValueError(f"prompt {i} has {len(prompt)} tokens; the model's context is {self._max_context}")
 
-    def _admit(self, reqs: list[_Request]) -> None:
+    def _admit(self, reqs: list[SequenceState]) -> None:
         """The whole batch must fit in every worker's KV cache (no queueing yet)."""
         extra = self.num_draft_tokens + 1
         need = sum(

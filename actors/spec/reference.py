@@ -20,81 +20,21 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from actors.spec.proposers import ProposeRequest, Proposer, TreeShape
 from actors.spec.sampling import make_generator
+from actors.spec.sequence import GenerationResult, SequenceState
 from actors.spec.types import Proposal, SamplingParams
 from actors.spec.verify import verify
 from actors.step_batch import SeqStep, StepBatch
 
 
 @dataclass
-class SpecStats:
-    """Speculation counters of one request."""
-
-    target_forward_passes: int = 0
-    accepted_lengths: list[int] = field(default_factory=list)  # tokens committed per verify step
-    proposed_by_position: list[int] = field(default_factory=list)
-    accepted_by_position: list[int] = field(default_factory=list)
-
-    def record(self, proposal: Proposal, num_accepted: int) -> None:
-        self.accepted_lengths.append(num_accepted + 1)
-        depth = max(proposal.depths, default=-1) + 1
-        for counts, upto in ((self.proposed_by_position, depth), (self.accepted_by_position, num_accepted)):
-            counts.extend([0] * (upto - len(counts)))
-            for j in range(upto):
-                counts[j] += 1
-
-    def _padded_accepted(self) -> list[int]:
-        return self.accepted_by_position + [0] * (len(self.proposed_by_position) - len(self.accepted_by_position))
-
-    def as_dict(self) -> dict:
-        steps = len(self.accepted_lengths)
-        return {
-            "target_forward_passes": self.target_forward_passes,
-            "mean_accepted_length": sum(self.accepted_lengths) / steps if steps else 0.0,
-            "accepted_lengths": list(self.accepted_lengths),
-            "acceptance_by_position": [
-                accepted / proposed
-                for accepted, proposed in zip(self._padded_accepted(), self.proposed_by_position)
-            ],
-        }
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]  # generated tokens only
-    finish_reason: str  # "stop" or "length"
-    stats: dict
-
-
-@dataclass
-class _Seq:
-    req_id: int
-    tokens: list[int]
-    params: SamplingParams
-    generator: torch.Generator | None
-    num_prompt: int
-    stats: SpecStats = field(default_factory=SpecStats)
-    finish_reason: str | None = None
-
-    @property
-    def output(self) -> list[int]:
-        return self.tokens[self.num_prompt :]
-
-    def emit(self, token_ids: Sequence[int]) -> None:
-        """Append verified tokens, stopping at a stop token or at max_tokens."""
-        for token in token_ids:
-            self.tokens.append(int(token))
-            if token in self.params.stop_token_ids:
-                self.finish_reason = "stop"
-                return
-            if len(self.output) >= self.params.max_tokens:
-                self.finish_reason = "length"
-                return
+class _Seq(SequenceState):
+    generator: torch.Generator | None = None
 
 
 @torch.inference_mode()
@@ -133,7 +73,7 @@ def generate(
         kv_budget_bytes = tokens * target.kv_bytes_per_token
     cache = target.make_kv_cache(kv_budget_bytes, block_size=block_size)
     seqs = [
-        _Seq(i, list(p), sp, make_generator(sp, cache.device), len(p))
+        _Seq(i, list(p), sp, len(p), generator=make_generator(sp, cache.device))
         for i, (p, sp) in enumerate(zip(prompts, params_list))
     ]
     for seq in seqs:
@@ -159,8 +99,7 @@ def generate(
         for seq, proposal, row in zip(active, proposals, rows):
             verdict = verify(proposal, row, seq.params, seq.generator)
             cache.commit(seq.req_id, [0, *(a + 1 for a in verdict.accepted)])
-            seq.stats.target_forward_passes += 1
-            seq.stats.record(proposal, verdict.num_accepted)
+            seq.stats.record(max(proposal.depths, default=-1) + 1, verdict.num_accepted)
             _emit(seq, verdict.token_ids, on_tokens)
             if seq.finish_reason is None and len(seq.tokens) >= max_context:
                 seq.finish_reason = "length"
@@ -171,14 +110,13 @@ def generate(
                     proposer.finish(seq.req_id)
         active = [s for s in active if s.finish_reason is None]
 
-    return [GenerationResult(s.output, s.finish_reason, s.stats.as_dict()) for s in seqs]
+    return [s.result() for s in seqs]
 
 
 def _emit(seq: _Seq, token_ids: list[int], on_tokens) -> None:
-    before = len(seq.tokens)
-    seq.emit(token_ids)
+    kept = seq.emit(token_ids)
     if on_tokens is not None:
-        on_tokens(seq.req_id, seq.tokens[before:])
+        on_tokens(seq.req_id, kept)
 
 
 def _propose(proposer, seqs: list[_Seq], shape: TreeShape, max_context: int, vocab: int) -> list[Proposal]:
