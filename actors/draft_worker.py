@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from actors.spec.proposers import DraftModelProposer, ProposeRequest, TreeShape
+from actors.spec.proposers import DraftModelProposer, ProposeRequest, TreeShape, parse_draft_spec
 from actors.spec.types import SamplingParams
 from actors.target_worker import TARGET_RANK
 from actors.transport import Transport, pack_proposals, pick_device, unpack_tokens
@@ -35,17 +35,13 @@ def load_draft_model(draft_spec: str, target_path: str, *, dtype: torch.dtype | 
     """``self:N`` -> truncated copy of the target checkpoint; otherwise a draft checkpoint path."""
     from actors.model.loader import load_model
 
-    spec = draft_spec.strip()
-    if spec.startswith("self:"):
-        try:
-            num_layers = int(spec.removeprefix("self:"))
-        except ValueError:
-            raise ValueError(f"draft spec {spec!r}: expected self:N with an integer N") from None
-        return load_model(target_path, dtype=dtype, device=device).truncated(num_layers)
-    if not Path(spec).exists():
-        raise ValueError(f"draft spec {spec!r}: expected self:N or an existing checkpoint path")
-    _check_tokenizers(target_path, spec)
-    return load_model(spec, dtype=dtype, device=device)
+    kind, value = parse_draft_spec(draft_spec)
+    if kind == "self":
+        return load_model(target_path, dtype=dtype, device=device).truncated(value)
+    if kind != "path" or not Path(value).exists():
+        raise ValueError(f"draft spec {draft_spec!r}: expected self:N or an existing checkpoint path")
+    _check_tokenizers(target_path, value)
+    return load_model(value, dtype=dtype, device=device)
 
 
 def _check_tokenizers(target_path: str, draft_path: str) -> None:

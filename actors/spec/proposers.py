@@ -243,24 +243,33 @@ def build_proposer(
     from actors.model.loader import load_model
     from actors.model.tokenizer import ensure_same_tokenizer, load_tokenizer
 
-    spec = spec.strip()
     vocab = target_model.config.vocab_size
-    if spec == "none":
+    kind, value = parse_draft_spec(spec)
+    if kind == "none":
         return None
-    if spec == "lookup":
+    if kind == "lookup":
         from actors.spec.model_free import PromptLookupProposer
 
         return PromptLookupProposer()
-    if spec.startswith("self:"):
-        try:
-            num_layers = int(spec.removeprefix("self:"))
-        except ValueError:
-            raise ValueError(f"draft spec {spec!r}: expected self:N with an integer N") from None
-        draft = target_model.truncated(num_layers)
+    if kind == "self":
+        draft = target_model.truncated(value)
     else:
-        draft = load_model(spec, dtype=dtype or target_model.dtype, device=device)
+        draft = load_model(value, dtype=dtype or target_model.dtype, device=device)
         if target_path is not None:
-            ensure_same_tokenizer(load_tokenizer(target_path), load_tokenizer(spec))
+            ensure_same_tokenizer(load_tokenizer(target_path), load_tokenizer(value))
     return DraftModelProposer(
         draft, target_vocab_size=vocab, kv_budget_bytes=kv_budget_tokens * draft.kv_bytes_per_token
     )
+
+
+def parse_draft_spec(spec: str) -> tuple[str, int | str | None]:
+    """``none`` | ``lookup`` | ``self:N`` | a checkpoint path -> (kind, N or path or None)."""
+    spec = spec.strip()
+    if spec in ("none", "lookup"):
+        return spec, None
+    if spec.startswith("self:"):
+        try:
+            return "self", int(spec.removeprefix("self:"))
+        except ValueError:
+            raise ValueError(f"draft spec {spec!r}: expected self:N with an integer N") from None
+    return "path", spec
