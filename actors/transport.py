@@ -3,8 +3,12 @@
 The control plane picks a free TCP port on the rank-0 host and tells every actor
 ``init_transport(addr, port, rank, world_size)``; the actors then form one process group
 (NCCL when every rank has its own GPU, gloo otherwise — CPU tests, or draft and target sharing
-one GPU, where NCCL refuses two ranks on one device). Rank 0 is the target, rank 1 the draft;
-more ranks (more drafts, target tensor-parallel peers) can join the same group later.
+one GPU, where NCCL refuses two ranks on one device). Rank 0 is the target, rank 1 the draft.
+
+Groups are explicit ``ProcessGroup`` objects (``make_process_group``), never the process-wide
+default group: one process can be in several groups at once (the draft link and a target
+tensor-parallel group), and a group whose peer died is simply dropped and a new one formed on a
+fresh port when the peer is back (``torch.distributed`` cannot re-admit a rank to a group).
 
 Wire format of one message (a list of tensors), all sends in this order:
 
@@ -17,7 +21,8 @@ Invariants:
   and receiver pair must agree on the message sequence (the control plane keeps the count);
 * tensors travel only here, never in Ray control messages; received tensors live on this
   transport's device;
-* ``isend`` keeps the tensors of an asynchronous message alive until the receiver has them.
+* ``isend`` keeps the tensors of an asynchronous message alive until the receiver has them;
+* every receive has a deadline: a dead or silent peer raises ``PeerLostError`` instead of hanging.
 
 Two message kinds are defined on top: *proposals* (draft -> target: per request the draft token
 ids, parent indices and optional draft probabilities) and *tokens* (target -> draft: per request
@@ -27,6 +32,7 @@ the tokens the target emitted in a step, so the draft stays in sync with the acc
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -37,6 +43,27 @@ from actors.spec.types import Proposal
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool]
 _CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
+
+
+class PeerLostError(RuntimeError):
+    """The peer of a transport died or did not send within the deadline; the group is unusable."""
+
+
+def make_process_group(addr: str, port: int, rank: int, world_size: int, backend: str,
+                       device: torch.device, timeout_s: float = 120.0):
+    """A new, unregistered process group (rank 0 hosts its TCP store on ``addr:port``)."""
+    if addr in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on loopback
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(addr, port, world_size, rank == 0, timeout=timeout)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world_size, options)
+    raise ValueError(f"unknown backend {backend!r} (gloo or nccl)")
 
 
 def node_address() -> str:
@@ -87,15 +114,8 @@ class Transport:
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
-        if addr in ("127.0.0.1", "localhost"):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on loopback
-        dist.init_process_group(
-            self.backend,
-            init_method=f"tcp://{addr}:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        self.timeout_s = timeout_s
+        self.group = make_process_group(addr, port, rank, world_size, self.backend, self.device, timeout_s)
         # gloo moves CPU tensors; NCCL moves tensors on this rank's GPU
         self._wire_device = torch.device("cpu") if self.backend == "gloo" else self.device
         self._inflight: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
@@ -103,19 +123,24 @@ class Transport:
     # ----------------------------------------------------------------- messages
     def send(self, tensors: Sequence[torch.Tensor], dst: int) -> None:
         works, _keep = self._post(tensors, dst)
-        for work in works:
-            work.wait()
+        try:
+            for work in works:
+                work.wait()
+        except RuntimeError as exc:
+            raise PeerLostError(f"send to rank {dst} failed: {str(exc).splitlines()[0][:300]}") from exc
 
     def isend(self, tensors: Sequence[torch.Tensor], dst: int) -> None:
         """Send without waiting for the receiver; the buffers stay referenced until delivered."""
         self._inflight = [(w, t) for w, t in self._inflight if not all(x.is_completed() for x in w)]
         self._inflight.append(self._post(tensors, dst))
 
-    def recv(self, src: int) -> list[torch.Tensor]:
+    def recv(self, src: int, timeout_s: float | None = None) -> list[torch.Tensor]:
+        """One whole message from ``src``; ``PeerLostError`` if it does not come within the deadline."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         length = torch.empty(1, dtype=torch.int64, device=self._wire_device)
-        dist.recv(length, src=src)
+        self._recv_into(length, src, deadline)
         header = torch.empty(int(length.item()), dtype=torch.int64, device=self._wire_device)
-        dist.recv(header, src=src)
+        self._recv_into(header, src, deadline)
         fields = header.tolist()
         out, pos = [], 1
         for _ in range(fields[0]):
@@ -124,15 +149,37 @@ class Transport:
             pos += 2 + ndim
             tensor = torch.empty(shape, dtype=dtype, device=self._wire_device)
             if tensor.numel():
-                dist.recv(tensor, src=src)
+                self._recv_into(tensor, src, deadline)
             out.append(tensor.to(self.device))
         return out
 
     def close(self) -> None:
         """Leave the group (undelivered ``isend`` messages are dropped)."""
         self._inflight = []
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        group, self.group = self.group, None
+        if group is not None and self.backend == "nccl" and hasattr(group, "abort"):
+            try:
+                group.abort()
+            except Exception:  # noqa: BLE001 - a broken communicator may refuse; it is dropped anyway
+                pass
+
+    def _recv_into(self, tensor: torch.Tensor, src: int, deadline: float) -> None:
+        if self.group is None:
+            raise PeerLostError("the transport is closed")
+        try:
+            work = self.group.recv([tensor], src, 0)
+            if self.backend == "gloo":
+                work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
+            else:  # NCCL completes on the GPU; poll so a dead peer cannot block the host forever
+                while not work.is_completed():
+                    if time.monotonic() > deadline:
+                        raise PeerLostError(f"no message from rank {src} within {self.timeout_s:.0f} s")
+                    time.sleep(0)
+                work.wait()
+        except PeerLostError:
+            raise
+        except RuntimeError as exc:
+            raise PeerLostError(f"receive from rank {src} failed: {str(exc).splitlines()[0][:300]}") from exc
 
     # ----------------------------------------------------------------- helpers
     def _to_wire(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -147,7 +194,12 @@ class Transport:
         header = torch.tensor(fields, dtype=torch.int64, device=self._wire_device)
         length = torch.tensor([header.numel()], dtype=torch.int64, device=self._wire_device)
         buffers = [t for t in (length, header, *wire) if t.numel()]
-        return [dist.isend(t, dst=dst) for t in buffers], buffers
+        if self.group is None:
+            raise PeerLostError("the transport is closed")
+        try:
+            return [self.group.send([t], dst, 0) for t in buffers], buffers
+        except RuntimeError as exc:
+            raise PeerLostError(f"send to rank {dst} failed: {str(exc).splitlines()[0][:300]}") from exc
 
 
 # --------------------------------------------------------------------- message kinds
