@@ -12,7 +12,11 @@ Invariants:
 * the KV cache passed in is sized for the held layers: cache layer = global layer - first_layer;
 * RMSNorm runs in fp32 and casts back before the weight multiply (as HF); logits are fp32;
 * no Python loop over tokens or sequences; the device and dtype are whatever was given;
-* ``truncated(n)`` shares (never copies) weights with the model it came from.
+* ``truncated(n)`` shares (never copies) weights with the model it came from;
+* tensor parallelism (``tp``, see ``actors.model.tensor_parallel``): each rank holds its heads and
+  MLP slice; ``w_o`` and ``w_down`` are followed by one all-reduce each; ``model.config`` stays the
+  checkpoint's config and the local sizes are ``model.tp``'s. With one rank (the default) the code
+  path is the unsharded one: no group, no all-reduce.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from actors.kv_cache import PagedKVCache
 from actors.model.attention import paged_attention
 from actors.model.config import ModelConfig
 from actors.model.rope import RotaryEmbedding
+from actors.model.tensor_parallel import TensorParallel
 from actors.step_batch import StepBatch
 
 
@@ -42,21 +47,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    """Fused weights of one decoder layer."""
+    """Fused weights of one decoder layer (this rank's shard: ``tp``'s head and MLP sizes)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        h, qkv = cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size
+        h, qkv, inter = cfg.hidden_size, tp.q_size + 2 * tp.kv_size, tp.intermediate_size
         p = lambda *s: _param(*s, dtype=dtype, device=device)  # noqa: E731
         self.input_norm = p(h)
-        self.w_qkv = p(qkv, h)  # rows: q | k | v
+        self.w_qkv = p(qkv, h)  # rows: q | k | v (this rank's heads)
         self.b_qkv = p(qkv) if cfg.qkv_bias else None
-        self.w_o = p(h, cfg.q_size)
-        self.b_o = p(h) if cfg.o_bias else None
+        self.w_o = p(h, tp.q_size)  # row-parallel: this rank's input columns
+        self.b_o = p(h) if cfg.o_bias else None  # whole; added once, after the all-reduce
         self.post_norm = p(h)
-        self.w_gate_up = p(2 * cfg.intermediate_size, h)  # rows: gate | up
-        self.b_gate_up = p(2 * cfg.intermediate_size) if cfg.mlp_bias else None
-        self.w_down = p(h, cfg.intermediate_size)
+        self.w_gate_up = p(2 * inter, h)  # rows: gate | up (this rank's slice of each)
+        self.b_gate_up = p(2 * inter) if cfg.mlp_bias else None
+        self.w_down = p(h, inter)  # row-parallel
         self.b_down = p(h) if cfg.mlp_bias else None
 
 
@@ -70,17 +75,19 @@ class LlamaModel(nn.Module):
         has_head: bool = True,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
         first, end = layer_range if layer_range is not None else (0, config.num_layers)
         if not 0 <= first <= end <= config.num_layers:
             raise ValueError(f"layer_range {layer_range} is not within [0, {config.num_layers}]")
         self.config = config
+        self.tp = tp if tp is not None else TensorParallel.for_config(config)
         self.first_layer, self.end_layer = int(first), int(end)
         self.has_embed, self.has_head = has_embed, has_head
         self.dtype = dtype
         self.device = torch.device(device)
-        self.layers = nn.ModuleList(DecoderLayer(config, dtype, self.device) for _ in range(first, end))
+        self.layers = nn.ModuleList(DecoderLayer(config, self.tp, dtype, self.device) for _ in range(first, end))
         v, h = config.vocab_size, config.hidden_size
         self.embed_tokens = _param(v, h, dtype=dtype, device=self.device) if has_embed else None
         self.final_norm = _param(h, dtype=dtype, device=self.device) if has_head else None
@@ -98,9 +105,9 @@ class LlamaModel(nn.Module):
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """KV cache bytes one token takes across the held layers (K and V), in this dtype."""
+        """KV cache bytes one token takes across the held layers (K and V) of this rank, in this dtype."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_held_layers * self.config.num_kv_heads * self.config.head_dim * elem
+        return 2 * self.num_held_layers * self.tp.num_kv_heads * self.config.head_dim * elem
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] int64 -> hidden [T, H]."""
@@ -121,19 +128,18 @@ class LlamaModel(nn.Module):
         cache: PagedKVCache,
         cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,  # from self.rope.cos_sin(positions)
     ) -> torch.Tensor:  # [T, H]
-        cfg, w = self.config, self._layer(layer)
+        cfg, tp, w = self.config, self.tp, self._layer(layer)  # tp: this rank's head counts
         cos, sin = cos_sin if cos_sin is not None else self.rope.cos_sin(batch.positions)
         num_tokens = hidden.shape[0]
         x = rms_norm(hidden, w.input_norm, cfg.rms_norm_eps)
         qkv = F.linear(x, w.w_qkv, w.b_qkv)  # [T, (Hq + 2 Hkv) D]
-        qk = qkv[:, : cfg.q_size + cfg.kv_size].view(num_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+        qk = qkv[:, : tp.q_size + tp.kv_size].view(num_tokens, tp.num_heads + tp.num_kv_heads, cfg.head_dim)
         qk = RotaryEmbedding.apply(qk, cos, sin)  # [T, Hq + Hkv, D]
-        q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
-        v = qkv[:, cfg.q_size + cfg.kv_size :].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        q, k = qk[:, : tp.num_heads], qk[:, tp.num_heads :]
+        v = qkv[:, tp.q_size + tp.kv_size :].view(num_tokens, tp.num_kv_heads, cfg.head_dim)
         k_cache, v_cache = cache.layer_kv(layer - self.first_layer)
         attn = paged_attention(q, k, v, k_cache, v_cache, batch)  # [T, Hq, D]
-        out = F.linear(attn.reshape(num_tokens, cfg.q_size), w.w_o, w.b_o)
-        return hidden + out
+        return hidden + self._row_parallel(attn.reshape(num_tokens, tp.q_size), w.w_o, w.b_o)
 
     def ffn_half(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] -> [T, H]."""
@@ -141,7 +147,14 @@ class LlamaModel(nn.Module):
         x = rms_norm(hidden, w.post_norm, cfg.rms_norm_eps)
         gate_up = F.linear(x, w.w_gate_up, w.b_gate_up)  # [T, 2 I]
         gate, up = gate_up.chunk(2, dim=-1)
-        return hidden + F.linear(F.silu(gate) * up, w.w_down, w.b_down)
+        return hidden + self._row_parallel(F.silu(gate) * up, w.w_down, w.b_down)
+
+    def _row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight.T + bias; under TP a partial sum, all-reduced, then the (whole) bias once."""
+        if not self.tp.enabled:
+            return F.linear(x, weight, bias)
+        out = self.tp.all_reduce_(F.linear(x, weight))
+        return out if bias is None else out + bias
 
     def run_layers(
         self,
@@ -186,7 +199,7 @@ class LlamaModel(nn.Module):
             raise ValueError("this model piece holds no layers, so it needs no KV cache")
         return PagedKVCache(
             self.num_held_layers,
-            self.config.num_kv_heads,
+            self.tp.num_kv_heads,  # this rank's KV heads
             self.config.head_dim,
             budget_bytes=budget_bytes,
             block_size=block_size,
@@ -206,6 +219,7 @@ class LlamaModel(nn.Module):
         draft.first_layer, draft.end_layer = 0, num_layers
         draft.has_embed = draft.has_head = True
         draft.dtype, draft.device = self.dtype, self.device
+        draft.tp = self.tp  # same shard, same group: every TP rank must run the draft too
         draft.layers = nn.ModuleList(self.layers[:num_layers])
         draft.embed_tokens, draft.final_norm, draft.lm_head = self.embed_tokens, self.final_norm, self.lm_head
         draft.rope = self.rope
@@ -213,7 +227,8 @@ class LlamaModel(nn.Module):
 
     # ----------------------------------------------------------------- loading
     def hf_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """HF checkpoint tensor name -> shape, for every tensor the held pieces need."""
+        """HF checkpoint tensor name -> shape (whole, as in the checkpoint), for every tensor the held
+        pieces need; under TP, ``tensor_parallel.hf_shard_index`` says which slice this rank keeps."""
         cfg = self.config
         h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.kv_size
         shapes: dict[str, tuple[int, ...]] = {}
@@ -242,8 +257,10 @@ class LlamaModel(nn.Module):
 
     @torch.no_grad()
     def load_hf_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        """Copy one HF-named tensor (shape checked by the caller) into its (possibly fused) slot."""
-        cfg = self.config
+        """Copy one HF-named tensor (shape checked by the caller) into its (possibly fused) slot.
+
+        Under TP, ``tensor`` is this rank's slice (``tensor_parallel.shard_hf_tensor``)."""
+        cfg, tp = self.config, self.tp
         if name == "model.embed_tokens.weight":
             tied_head = self.lm_head if cfg.tie_word_embeddings else None
             targets = [t for t in (self.embed_tokens, tied_head) if t is not None]
@@ -259,7 +276,7 @@ class LlamaModel(nn.Module):
         parts = name.split(".")  # model.layers.{i}.{module}.{proj}.{weight|bias}
         w = self._layer(int(parts[2]))
         kind, proj = parts[-1], ".".join(parts[3:-1])
-        q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        q, kv, inter = tp.q_size, tp.kv_size, tp.intermediate_size  # local (== config's with one rank)
         spans = {
             "input_layernorm": ("input_norm", 0, None),
             "post_attention_layernorm": ("post_norm", 0, None),

@@ -6,8 +6,13 @@ Sources:
   plus its shards: only the tensors the requested pieces need are read (``safe_open``);
 * a ``.gguf`` file, read through transformers' GGUF reader (config + HF-named, dequantized tensors).
 
+Tensor parallelism (``tp_rank``, ``tp_size``, ``tp_group``; see ``actors.model.tensor_parallel``):
+each rank builds only its shard; from safetensors it reads only its slice of each split tensor
+(``get_slice``), from GGUF it slices the dequantised tensor on CPU before copying to the device.
+
 Invariants: every failure raises a ``ModelLoadError`` subclass whose message names the problem and
-the path; tensors are shape-checked before they are copied; the default dtype is the checkpoint's.
+the path; tensors are shape-checked (whole, as in the checkpoint) before they are copied; the
+default dtype is the checkpoint's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 
 from actors.model.config import ModelConfig, ModelLoadError, UnsupportedArchitectureError
 from actors.model.llama import LlamaModel
+from actors.model.tensor_parallel import TensorParallel, hf_shard_index
 
 __all__ = [
     "ModelLoadError",
@@ -145,13 +151,22 @@ def load_model(
     layer_range: tuple[int, int] | None = None,
     has_embed: bool = True,
     has_head: bool = True,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    tp_group: Any = None,
 ) -> LlamaModel:
-    """Build a ``LlamaModel`` holding the requested pieces and fill it from the checkpoint."""
+    """Build a ``LlamaModel`` holding the requested pieces and fill it from the checkpoint.
+
+    ``tp_size > 1``: rank ``tp_rank``'s tensor-parallel shard, communicating over ``tp_group`` (a
+    process-group object from ``actors.transport.make_process_group``); ``ValueError`` when the
+    heads, KV heads or MLP width do not divide by ``tp_size``.
+    """
     path = Path(path)
     hf_config = load_hf_config(path)
     config = load_config(path, hf_config)
+    tp = TensorParallel.for_config(config, tp_rank, tp_size, tp_group)
     if _is_gguf(path):
-        return _load_gguf(path, hf_config, config, dtype, device, layer_range, has_embed, has_head)
+        return _load_gguf(path, hf_config, config, dtype, device, layer_range, has_embed, has_head, tp)
     model = LlamaModel(
         config,
         layer_range=layer_range,
@@ -159,10 +174,11 @@ def load_model(
         has_head=has_head,
         dtype=dtype or _checkpoint_dtype(hf_config),
         device=device,
+        tp=tp,
     )
     needed = model.hf_tensor_shapes()
-    for name, tensor in _read_safetensors(path, needed):
-        _check_shape(path, name, tuple(tensor.shape), needed[name])
+    index = {name: hf_shard_index(name, config, tp.rank, tp.size) for name in needed}
+    for name, tensor in _read_safetensors(path, needed, index):
         model.load_hf_tensor(name, tensor)
     return model.eval()
 
@@ -208,7 +224,10 @@ def _safetensors_keys(file: Path) -> list[str]:
         return list(f.keys())
 
 
-def _read_safetensors(path: Path, needed: dict[str, tuple[int, ...]]) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_safetensors(
+    path: Path, needed: dict[str, tuple[int, ...]], index: dict[str, tuple[slice, ...] | None]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor or its ``index[name]`` slice), each shape-checked whole; slices read only their part."""
     weight_map = _weight_map(path)
     absent = [name for name in needed if name not in weight_map]
     if absent:
@@ -222,9 +241,16 @@ def _read_safetensors(path: Path, needed: dict[str, tuple[int, ...]]) -> Iterato
         with _safe_open(file) as f:
             for name in names:
                 try:
-                    tensor = f.get_tensor(name)
+                    if index.get(name) is None:
+                        tensor = f.get_tensor(name)
+                        shape = tuple(tensor.shape)
+                    else:  # read only this rank's part, once the whole shape is known to be right
+                        part = f.get_slice(name)
+                        shape = tuple(part.get_shape())
+                        tensor = part[index[name]] if shape == needed[name] else None
                 except Exception as exc:
                     raise CorruptCheckpointError(f"{file}: cannot read tensor {name!r}: {exc}") from exc
+                _check_shape(path, name, shape, needed[name])
                 yield name, tensor
 
 
@@ -237,6 +263,7 @@ def _load_gguf(
     layer_range: tuple[int, int] | None,
     has_embed: bool,
     has_head: bool,
+    tp: TensorParallel,
 ) -> LlamaModel:
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -257,14 +284,15 @@ def _load_gguf(
         raise CorruptCheckpointError(f"{path}: cannot read GGUF tensors: {exc}") from exc
     config = _with_gguf_rope_freqs(path, config)
     model = LlamaModel(
-        config, layer_range=layer_range, has_embed=has_embed, has_head=has_head, dtype=dtype, device=device
+        config, layer_range=layer_range, has_embed=has_embed, has_head=has_head, dtype=dtype, device=device, tp=tp
     )
     needed = model.hf_tensor_shapes()
     for name, expected in needed.items():
         if name not in tensors:
             raise MissingTensorError(f"{path}: GGUF file has no tensor for {name!r}")
         _check_shape(path, name, tuple(tensors[name].shape), expected)
-        model.load_hf_tensor(name, tensors[name])
+        index = hf_shard_index(name, config, tp.rank, tp.size)  # whole on CPU, sliced before the copy
+        model.load_hf_tensor(name, tensors[name] if index is None else tensors[name][index])
     return model.eval()
 
 
