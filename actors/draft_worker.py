@@ -4,30 +4,42 @@ A plain class: the control plane wraps it with ``ray.remote(...).options(...)``;
 directly. The draft is a checkpoint path, or ``self:N`` — the first N layers + head of its *own*
 loaded copy of the target checkpoint (weights are not shared across processes).
 
-Step plan:
+One call per engine step, ``step(step_id, new, drafts, num_token_msgs, free_ids)``:
 
-* ``add_requests``: remember each request's prompt and sampling parameters (no forward yet: the
-  ``DraftModelProposer`` catches its cache up lazily at the first proposal);
-* ``propose(step, draft_req_ids, num_token_msgs)``: first receive the target's *tokens*
-  messages until ``num_token_msgs`` have arrived in total (the control plane counts what the
-  target sent), extend each request's token list, then draft a chain of ``num_draft_tokens`` for
-  ``draft_req_ids`` and send one *proposals* message to the target.
+1. free ``free_ids``; remember ``new`` requests (their token lists so far: a prompt, or after the
+   draft came back from a failure, prompt + output); the ``DraftModelProposer`` catches its cache
+   up lazily at the first proposal;
+2. receive the target's *tokens* messages until ``num_token_msgs`` have arrived on this link in
+   total (the control plane counts what the target sent), extending each request's tokens;
+3. propose ``drafts[req_id]`` tokens (a chain) for each request in ``drafts`` and send one
+   *proposals* message to the target (none when ``drafts`` is empty);
+4. with ``overlap``: speculate the *next* step's proposal while the target verifies this one
+   (PEARL post-verify). Assume this proposal is accepted whole, draft the target's bonus token
+   ``e1`` and then the next chain ``e2..``. At the next step, if the target really emitted
+   ``proposal + [e1]`` (a *hit*), ``e2..`` is sent at once with no drafting on the critical path;
+   otherwise (a *miss*) the speculation is dropped, the draft KV rolls back to the real tokens by
+   the proposer's common-prefix catch-up, and a fresh proposal is drafted — of one token when
+   ``pre_verify`` is set (the target checks it while the rest is speculated), else of the full
+   length.
 
 Invariants: a request's token list here equals the control plane's (prompt + every emitted
-token) whenever it is drafted for; tokens for requests already freed are ignored; the draft's
-random stream per request is the one the reference loop's proposer uses (derived from the
-request seed), consumed in the same order, so seeded sampling reproduces the reference exactly.
+token) whenever it is drafted for; tokens for requests already freed are ignored; every
+proposal's ``draft_probs`` are the distributions its tokens were drawn from, given the real
+context they will be verified in (a hit means that context is exactly what was assumed), so
+verification stays lossless with or without overlap. Without overlap the draft's random stream
+per request is the reference loop's, so seeded sampling reproduces the reference exactly.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
 from actors.spec.proposers import DraftModelProposer, ProposeRequest, TreeShape, parse_draft_spec
-from actors.spec.types import SamplingParams
-from actors.target_worker import TARGET_RANK
+from actors.spec.types import Proposal, SamplingParams
+from actors.target_worker import DRAFT_RANK, TARGET_RANK
 from actors.transport import Transport, pack_proposals, pick_device, unpack_tokens
 
 
@@ -59,6 +71,13 @@ def _check_tokenizers(target_path: str, draft_path: str) -> None:
     ensure_same_tokenizer(target_tok, draft_tok)
 
 
+def chain_slice(proposal: Proposal, start: int, count: int) -> Proposal:
+    """Tokens ``[start, start + count)`` of a chain proposal, as a chain of their own."""
+    ids = proposal.token_ids[start : start + count]
+    probs = None if proposal.draft_probs is None else proposal.draft_probs[start : start + count]
+    return Proposal.chain(ids, probs)
+
+
 class DraftWorker:
     def __init__(
         self,
@@ -70,6 +89,8 @@ class DraftWorker:
         kv_budget_tokens: int = 4096,
         block_size: int = 16,
         device: torch.device | str | None = None,
+        overlap: bool = False,
+        pre_verify: bool = False,
     ) -> None:
         from actors.model.loader import load_config
 
@@ -83,48 +104,102 @@ class DraftWorker:
             model, target_vocab_size=target_vocab,
             kv_budget_bytes=kv_budget_tokens * model.kv_bytes_per_token, block_size=block_size,
         )
-        self.shape = TreeShape.chain(num_draft_tokens)
-        self.transport: Transport | None = None
+        self.max_draft_tokens = num_draft_tokens
+        self.overlap, self.pre_verify = overlap, pre_verify
+        self.link: Transport | None = None
         self._tokens: dict[int, list[int]] = {}
         self._params: dict[int, SamplingParams] = {}
-        self._token_msgs = 0  # tokens messages received from the target so far
+        self._speculation: dict[int, tuple[list[int], Proposal]] = {}  # req -> (assumed tokens, next chain)
+        self._token_msgs = 0  # tokens messages received on the current link
 
     def info(self) -> dict:
-        return {"device": str(self.device), "kv_capacity_tokens": self.proposer.cache.capacity_tokens}
+        return {"ready": True, "device": str(self.device), "kv_capacity_tokens": self.proposer.cache.capacity_tokens}
 
-    def init_transport(self, addr: str, port: int, rank: int, world_size: int, backend: str | None = None) -> str:
-        self.transport = Transport(addr, port, rank, world_size, self.device, backend=backend)
-        return self.transport.backend
+    def init_transport(self, addr: str, port: int, backend: str | None = None, timeout_s: float = 60.0) -> str:
+        """Join a new draft link as rank 1; requests of an earlier link are forgotten."""
+        if self.link is not None:
+            self.link.close()
+        for req_id in list(self._tokens):
+            self._forget(req_id)
+        self.link = Transport(addr, port, DRAFT_RANK, 2, self.device, backend=backend, timeout_s=timeout_s)
+        self._token_msgs = 0
+        return self.link.backend
 
-    # ----------------------------------------------------------------- step plan
-    def add_requests(self, requests: list[tuple[int, list[int], SamplingParams]]) -> None:
-        for req_id, prompt, params in requests:
-            self._tokens[req_id] = list(prompt)
+    # ----------------------------------------------------------------- the step
+    def step(self, step_id: int, new: list[tuple[int, list[int], SamplingParams]], drafts: dict[int, int],
+             num_token_msgs: int, free_ids: list[int]) -> dict:
+        """Run one engine step -> timings and overlap hit counts."""
+        for req_id in free_ids:
+            self._forget(req_id)
+        for req_id, tokens, params in new:
+            self._tokens[req_id] = list(tokens)
             self._params[req_id] = params
-
-    def propose(self, step: int, draft_req_ids: list[int], num_token_msgs: int) -> dict:
-        """Catch up with the target's emitted tokens, draft, send the proposals -> small stats."""
         while self._token_msgs < num_token_msgs:
-            for req_id, token_ids in unpack_tokens(self.transport.recv(TARGET_RANK)).items():
+            for req_id, token_ids in unpack_tokens(self.link.recv(TARGET_RANK)).items():
                 if req_id in self._tokens:
                     self._tokens[req_id].extend(token_ids)
             self._token_msgs += 1
-        requests = [ProposeRequest(r, self._tokens[r], self._params[r]) for r in draft_req_ids]
-        proposals = self.proposer.propose(requests, self.shape)
-        self.transport.send(pack_proposals(draft_req_ids, proposals), TARGET_RANK)
-        return {"step": step, "num_proposed": sum(len(p) for p in proposals)}
+        t0 = time.perf_counter()
+        ids = list(drafts)
+        proposals, hits = self._proposals(ids, drafts)
+        if ids:
+            self.link.send(pack_proposals(ids, [proposals[r] for r in ids]), TARGET_RANK)
+        t1 = time.perf_counter()
+        if self.overlap and ids:
+            self._speculate(ids, proposals, drafts)
+        t2 = time.perf_counter()
+        return {"step": step_id, "num_proposed": sum(len(p) for p in proposals.values()), "batch": len(ids),
+                "levels": max((len(p) for p in proposals.values()), default=0),
+                "hits": hits, "misses": len(ids) - hits, "propose_s": t1 - t0, "speculate_s": t2 - t1}
 
     def free(self, req_ids: list[int]) -> None:
         for req_id in req_ids:
-            self.proposer.finish(req_id)
-            self._tokens.pop(req_id, None)
-            self._params.pop(req_id, None)
+            self._forget(req_id)
 
     def kv_free_tokens(self) -> int:
         return self.proposer.cache.free_tokens
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-            self.transport = None
+        if self.link is not None:
+            self.link.close()
+            self.link = None
 
+    # ----------------------------------------------------------------- helpers
+    def _forget(self, req_id: int) -> None:
+        self.proposer.finish(req_id)
+        self._tokens.pop(req_id, None)
+        self._params.pop(req_id, None)
+        self._speculation.pop(req_id, None)
+
+    def _proposals(self, ids: list[int], drafts: dict[int, int]) -> tuple[dict[int, Proposal], int]:
+        """Reuse speculations that hit; draft the rest fresh (batched by length)."""
+        out, fresh = {}, {}
+        for req_id in ids:
+            k = min(drafts[req_id], self.max_draft_tokens)
+            assumed, chain = self._speculation.pop(req_id, (None, None))
+            if chain is not None and len(chain) > 0 and self._tokens[req_id] == assumed:
+                out[req_id] = chain_slice(chain, 0, k)
+            else:
+                fresh[req_id] = 1 if (self.overlap and self.pre_verify) else k
+        by_length: dict[int, list[int]] = {}
+        for req_id, k in fresh.items():
+            by_length.setdefault(k, []).append(req_id)
+        for k, group in by_length.items():
+            requests = [ProposeRequest(r, self._tokens[r], self._params[r]) for r in group]
+            for req_id, proposal in zip(group, self.proposer.propose(requests, TreeShape.chain(k))):
+                out[req_id] = proposal
+        return out, len(ids) - len(fresh)
+
+    def _speculate(self, ids: list[int], proposals: dict[int, Proposal], drafts: dict[int, int]) -> None:
+        """Draft the bonus token and the next chain, assuming each proposal is accepted whole."""
+        by_length: dict[int, list[int]] = {}
+        for req_id in ids:
+            if len(proposals[req_id]) > 0:
+                by_length.setdefault(min(drafts[req_id], self.max_draft_tokens) + 1, []).append(req_id)
+        for depth, group in by_length.items():
+            assumed = {r: self._tokens[r] + proposals[r].token_ids.tolist() for r in group}
+            requests = [ProposeRequest(r, assumed[r], self._params[r]) for r in group]
+            for req_id, chain in zip(group, self.proposer.propose(requests, TreeShape.chain(depth))):
+                if len(chain) >= 2:
+                    bonus = int(chain.token_ids[0])
+                    self._speculation[req_id] = (assumed[req_id] + [bonus], chain_slice(chain, 1, depth - 1))

@@ -1,26 +1,34 @@
-"""Target (verifier) worker: owns the target model and its KV cache, prefills and verifies (data plane).
+"""Target (verifier) worker: owns the target model (or its tensor-parallel shard) and KV cache (data plane).
 
 A plain class: the control plane wraps it with ``ray.remote(...).options(...)``; tests can use it
 directly. It executes the plan of one step and decides nothing about scheduling.
 
-Step plan, as the reference loop (``actors.spec.reference.generate``) does it:
+One call per engine step, ``step(step_id, new, req_ids, draft_req_ids, free_ids)``:
 
-* ``add_requests``: one ragged prefill of the new prompts; the first token of each comes from
-  the target alone (``verify`` of an empty proposal);
-* ``verify(step, req_ids, draft_req_ids)``: receive the draft's proposals for ``draft_req_ids``
-  over the transport (the others get none), feed ``[last token, *draft]`` per request in one
-  forward, ``verify``, commit the accepted path in the KV cache.
+1. receive the draft's proposals for ``draft_req_ids`` over the draft link (rank 0 only; the
+   others of ``req_ids`` get none). If the draft is lost (``PeerLostError``: it died or stayed
+   silent past the link's deadline) the link is dropped and the step runs target-only; the reply
+   says ``draft_link: False`` so the control plane restarts the draft;
+2. free ``free_ids`` (finished or aborted requests);
+3. one ragged forward: the prompts of ``new`` requests (prefill) and ``[last token, *draft]`` of
+   every request in ``req_ids`` (verification; a plain decode step when there is no draft);
+4. ``verify`` each request, commit the accepted path in the KV cache, and send the emitted tokens
+   to the draft (one *tokens* message per step, asynchronously) and back to the control plane.
 
-After either, the emitted tokens go to the draft over the transport (``isend``, one *tokens*
-message per call) and back to the control plane as plain ids with per-request stats.
+Tensor parallelism: ``tp_size`` workers run every step together. Rank 0 (the leader) talks to the
+draft; it forwards the proposals to the other ranks before the forward and the accepted paths and
+emitted tokens after verifying, over the tensor-parallel group that the model's all-reduces also
+use. Logits are replicated on every rank, so the leader alone verifies.
 
-Invariants (as the reference's): before a step each request's KV holds every token but the last;
-the accepted path is committed and everything else of the step is dropped; a request's sampling
-generator is seeded from its own ``SamplingParams.seed`` and consumed in the reference's order,
-so seeded sampling reproduces the reference loop exactly.
+Invariants (as the reference loop's): before a step each request's KV holds every token but the
+last; the accepted path is committed and everything else of the step is dropped; a request's
+sampling generator is seeded from its own ``SamplingParams.seed`` and used in the reference's
+order. ``free`` and ``free_ids`` are idempotent.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -29,15 +37,21 @@ from actors.spec.types import Proposal, SamplingParams
 from actors.spec.verify import verify
 from actors.step_batch import SeqStep, StepBatch
 from actors.transport import (
+    PeerLostError,
     Transport,
     free_port,
     node_address,
+    pack_proposals,
     pack_tokens,
     pick_device,
     unpack_proposals,
+    unpack_tokens,
 )
 
 TARGET_RANK, DRAFT_RANK = 0, 1
+LEADER = 0
+
+NewRequest = tuple[int, list[int], SamplingParams]
 
 
 class TargetWorker:
@@ -49,79 +63,110 @@ class TargetWorker:
         kv_budget_tokens: int = 4096,
         block_size: int = 16,
         device: torch.device | str | None = None,
+        tp_rank: int = 0,
+        tp_size: int = 1,
     ) -> None:
-        from actors.model.loader import load_model
-
         torch.set_num_threads(1)
+        self.model_path, self.dtype = model_path, dtype
+        self.kv_budget_tokens, self.block_size = kv_budget_tokens, block_size
         self.device = torch.device(device) if device is not None else pick_device()
-        self.model = load_model(model_path, dtype=dtype, device=self.device)
-        self.cache = self.model.make_kv_cache(kv_budget_tokens * self.model.kv_bytes_per_token, block_size=block_size)
-        self.transport: Transport | None = None
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.model = self.cache = None
+        self.link: Transport | None = None  # to the draft (leader only)
+        self.tp: Transport | None = None  # tensor-parallel group
         self._tokens: dict[int, list[int]] = {}
         self._params: dict[int, SamplingParams] = {}
         self._generators: dict[int, torch.Generator | None] = {}
+        if tp_size == 1:
+            self._load(None)
 
+    def _load(self, tp_group) -> None:
+        from actors.model.loader import load_model
+
+        kwargs = {} if self.tp_size == 1 else {"tp_rank": self.tp_rank, "tp_size": self.tp_size, "tp_group": tp_group}
+        self.model = load_model(self.model_path, dtype=self.dtype, device=self.device, **kwargs)
+        self.cache = self.model.make_kv_cache(self.kv_budget_tokens * self.model.kv_bytes_per_token,
+                                              block_size=self.block_size)
+
+    # ----------------------------------------------------------------- set-up
     def info(self) -> dict:
+        if self.model is None:
+            return {"ready": False, "device": str(self.device), "tp_rank": self.tp_rank}
         cfg = self.model.config
-        return {"vocab_size": cfg.vocab_size, "max_context": cfg.max_context, "device": str(self.device),
+        return {"ready": True, "vocab_size": cfg.vocab_size, "max_context": cfg.max_context,
+                "device": str(self.device), "tp_rank": self.tp_rank,
                 "kv_capacity_tokens": self.cache.capacity_tokens}
 
     def transport_address(self) -> tuple[str, int]:
-        """(node address, free port) for the process group's TCP store; rank 0 hosts it."""
+        """(node address, free port) for a process group's TCP store; this worker hosts it."""
         addr = node_address()
         return addr, free_port(addr)
 
-    def init_transport(self, addr: str, port: int, rank: int, world_size: int, backend: str | None = None) -> str:
-        self.transport = Transport(addr, port, rank, world_size, self.device, backend=backend)
-        return self.transport.backend
+    def init_tp(self, addr: str, port: int, backend: str | None = None, timeout_s: float = 120.0) -> dict:
+        """Join the tensor-parallel group and load this rank's shard."""
+        self.tp = Transport(addr, port, self.tp_rank, self.tp_size, self.device, backend=backend, timeout_s=timeout_s)
+        self._load(self.tp.group)
+        return self.info()
 
-    # ----------------------------------------------------------------- step plan
+    def connect_draft(self, addr: str, port: int, backend: str | None = None, timeout_s: float = 60.0) -> str:
+        """(Re)form the draft link as its rank 0; a previous link is dropped."""
+        self.disconnect_draft()
+        self.link = Transport(addr, port, TARGET_RANK, 2, self.device, backend=backend, timeout_s=timeout_s)
+        return self.link.backend
+
+    def disconnect_draft(self) -> None:
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+
+    # ----------------------------------------------------------------- the step
     @torch.inference_mode()
-    def add_requests(self, requests: list[tuple[int, list[int], SamplingParams]]) -> dict[int, dict]:
-        """Prefill new requests in one ragged step -> {req_id: {"token_ids": [first token]}}."""
-        for req_id, prompt, params in requests:
+    def step(self, step_id: int, new: list[NewRequest], req_ids: list[int], draft_req_ids: list[int],
+             free_ids: list[int]) -> dict:
+        """Run one engine step -> {"results": {req_id: {token_ids, num_accepted, num_proposed}}, "draft_link": bool}."""
+        proposals = self._receive_proposals(step_id, draft_req_ids)
+        self.free(free_ids)
+        for req_id, prompt, params in new:
             self.cache.add_sequence(req_id)
             self._tokens[req_id] = list(prompt)
             self._params[req_id] = params
             self._generators[req_id] = make_generator(params, self.device)
-        batch = StepBatch.build(self.cache, [SeqStep(r, p, logits="last") for r, p, _ in requests])
-        rows = batch.split_logits(self.model.forward(batch, self.cache))
-        emitted = {}
-        for (req_id, _, params), row in zip(requests, rows):
-            self.cache.commit(req_id)
-            emitted[req_id] = verify(Proposal.empty(), row, params, self._generators[req_id]).token_ids
-        return self._emit(emitted, {})
-
-    @torch.inference_mode()
-    def verify(self, step: int, req_ids: list[int], draft_req_ids: list[int]) -> dict[int, dict]:
-        """Verify one step -> {req_id: {"token_ids", "num_accepted", "num_proposed"}}.
-
-        Receives exactly one proposals message from the draft when ``draft_req_ids`` is non-empty.
-        """
-        proposals: dict[int, Proposal] = {}
-        if draft_req_ids:
-            proposals = unpack_proposals(self.transport.recv(DRAFT_RANK))
-            if sorted(proposals) != sorted(draft_req_ids):
-                raise RuntimeError(f"step {step}: proposals for {sorted(proposals)}, expected {sorted(draft_req_ids)}")
         plan = [(r, proposals.get(r, Proposal.empty())) for r in req_ids]
-        steps = [
+        steps = [SeqStep(r, p, logits="last") for r, p, _ in new] + [
             SeqStep(r, [self._tokens[r][-1], *p.token_ids.tolist()], parents=[-1, *(q + 1 for q in p.parents)])
             for r, p in plan
         ]
+        if not steps:
+            return {"results": {}, "draft_link": self.link is not None}
+        t0 = time.perf_counter()
         batch = StepBatch.build(self.cache, steps)
-        rows = batch.split_logits(self.model.forward(batch, self.cache))
-        emitted, stats = {}, {}
-        for (req_id, proposal), row in zip(plan, rows):
+        logits = self.model.forward(batch, self.cache)
+        if self.tp_rank != LEADER:
+            return self._follow(new, plan)
+        rows = batch.split_logits(logits)
+        emitted, paths, stats = {}, {}, {}
+        for (req_id, _, params), row in zip(new, rows[: len(new)]):
+            emitted[req_id] = verify(Proposal.empty(), row, params, self._generators[req_id]).token_ids
+            paths[req_id] = None
+        for (req_id, proposal), row in zip(plan, rows[len(new):]):
             verdict = verify(proposal, row, self._params[req_id], self._generators[req_id])
-            self.cache.commit(req_id, [0, *(a + 1 for a in verdict.accepted)])
             emitted[req_id] = verdict.token_ids
+            paths[req_id] = [0, *(a + 1 for a in verdict.accepted)]
             stats[req_id] = {"num_accepted": verdict.num_accepted,
                              "num_proposed": max(proposal.depths, default=-1) + 1}
-        return self._emit(emitted, stats)
+        if self.tp_size > 1:
+            wire_paths = {r: ([-1] if p is None else p) for r, p in paths.items()}
+            for rank in range(1, self.tp_size):
+                self.tp.isend(pack_tokens(wire_paths) + pack_tokens(emitted), rank)
+        for req_id, path in paths.items():
+            self.cache.commit(req_id, path)
+        reply = self._emit(emitted, stats)
+        reply["forward_s"] = time.perf_counter() - t0
+        return reply
 
     def free(self, req_ids: list[int]) -> None:
         for req_id in req_ids:
-            if req_id in self.cache:
+            if self.cache is not None and req_id in self.cache:
                 self.cache.free(req_id)
             self._tokens.pop(req_id, None)
             self._params.pop(req_id, None)
@@ -130,17 +175,53 @@ class TargetWorker:
     def kv_free_tokens(self) -> int:
         return self.cache.free_tokens
 
+    def num_requests(self) -> int:
+        return len(self._tokens)
+
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-            self.transport = None
+        self.disconnect_draft()
+        if self.tp is not None:
+            self.tp.close()
+            self.tp = None
 
     # ----------------------------------------------------------------- helpers
-    def _emit(self, emitted: dict[int, list[int]], stats: dict[int, dict]) -> dict[int, dict]:
+    def _receive_proposals(self, step_id: int, draft_req_ids: list[int]) -> dict[int, Proposal]:
+        proposals: dict[int, Proposal] = {}
+        if self.tp_rank == LEADER:
+            if draft_req_ids and self.link is not None:
+                try:
+                    proposals = unpack_proposals(self.link.recv(DRAFT_RANK))
+                except PeerLostError:  # the draft is gone: this step runs target-only
+                    self.disconnect_draft()
+                if proposals and sorted(proposals) != sorted(draft_req_ids):
+                    raise RuntimeError(f"step {step_id}: proposals for {sorted(proposals)}, "
+                                       f"expected {sorted(draft_req_ids)}")
+            if self.tp_size > 1:
+                ids = list(proposals)
+                bare = [Proposal(p.token_ids, p.parents, None) for p in proposals.values()]
+                for rank in range(1, self.tp_size):
+                    self.tp.isend(pack_proposals(ids, bare), rank)
+        elif self.tp_size > 1:
+            proposals = unpack_proposals(self.tp.recv(LEADER))
+        return proposals
+
+    def _follow(self, new: list[NewRequest], plan: list[tuple[int, Proposal]]) -> dict:
+        """Non-leader TP rank: commit the leader's accepted paths, record its emitted tokens."""
+        message = self.tp.recv(LEADER)
+        paths, emitted = unpack_tokens(message[:2]), unpack_tokens(message[2:])
+        for req_id, path in paths.items():
+            self.cache.commit(req_id, None if path == [-1] else path)
+            self._tokens[req_id].extend(emitted[req_id])
+        return {"results": {}, "draft_link": False}
+
+    def _emit(self, emitted: dict[int, list[int]], stats: dict[int, dict]) -> dict:
         """Record emitted tokens, tell the draft (async), and build the control-plane reply."""
         for req_id, token_ids in emitted.items():
             self._tokens[req_id].extend(token_ids)
-        if self.transport is not None and self.transport.world_size > DRAFT_RANK:
-            self.transport.isend(pack_tokens(emitted), DRAFT_RANK)
-        return {r: {"token_ids": list(t), **stats.get(r, {})} for r, t in emitted.items()}
-
+        if self.link is not None:
+            try:
+                self.link.isend(pack_tokens(emitted), DRAFT_RANK)
+            except PeerLostError:
+                self.disconnect_draft()
+        results = {r: {"token_ids": list(t), **stats.get(r, {})} for r, t in emitted.items()}
+        return {"results": results, "draft_link": self.link is not None}

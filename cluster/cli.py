@@ -101,7 +101,34 @@ def _add_generate(commands) -> None:
                    "tokenizer has one)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token_ids, stats) on stdout and nothing else")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop when the output contains TEXT (repeatable; distributed mode)")
+    _add_placement_flags(p)
     p.set_defaults(run=_run_generate)
+
+
+def _add_placement_flags(p: argparse.ArgumentParser) -> None:
+    """Placement and speculation flags; any of them runs the request on a Ray cluster of workers."""
+    g = p.add_argument_group(
+        "distributed (draft and target as Ray actors)",
+        "Any of these runs the request through the cluster engine: a local Ray cluster (or --address), "
+        "target and draft workers placed on GPUs, tokens and proposals over torch.distributed.")
+    g.add_argument("--distributed", action="store_true", help="use the cluster engine with default placement")
+    g.add_argument("--target-gpus", type=int, metavar="N", help="GPUs of the target (tensor-parallel size; default 1)")
+    g.add_argument("--draft-gpus", type=int, metavar="N", help="GPUs of the draft worker (default 1)")
+    g.add_argument("--colocate", action="store_true", help="put the draft on the target's GPU (fractional share)")
+    g.add_argument("--no-overlap", action="store_true",
+                   help="draft and target take turns instead of drafting step t+1 during verification of step t")
+    g.add_argument("--no-adaptive", action="store_true",
+                   help="always draft --num-draft-tokens (no goodput-adaptive speculation length)")
+    g.add_argument("--num-gpus", type=int, metavar="N",
+                   help="GPUs to declare for the local Ray cluster (fake GPUs on a CPU machine)")
+    g.add_argument("--address", metavar="ADDR", help="join this Ray cluster instead of starting one")
+
+
+def _wants_cluster(args: argparse.Namespace) -> bool:
+    return bool(args.distributed or args.colocate or args.no_overlap or args.no_adaptive or args.address
+                or any(v is not None for v in (args.target_gpus, args.draft_gpus, args.num_gpus)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +185,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     stream = None if args.json else _TextStream(real_stdout)
     with quiet:
-        result = _generate(args, stream)
+        result = _generate_on_cluster(args, stream) if _wants_cluster(args) else _generate(args, stream)
     if args.json:
         print(json.dumps(result), file=real_stdout)
     else:
@@ -251,6 +278,90 @@ def _generate(args: argparse.Namespace, stream: _TextStream | None = None) -> di
         "dtype": str(model.dtype).removeprefix("torch."),
         "elapsed_s": round(elapsed, 4),
     }
+
+
+def _generate_on_cluster(args: argparse.Namespace, stream: _TextStream | None = None) -> dict:
+    """The same request through ``cluster.Cluster``: workers as Ray actors, placed by the flags."""
+    import pydantic
+
+    from actors.model.tokenizer import load_tokenizer
+    from cluster.cluster import Cluster
+    from cluster.config import ClusterConfig
+    from cluster.demo_model import DemoModelError, ensure_demo_model
+    from cluster.scheduler import EngineOverloadedError
+    from placement.spec import PlacementError
+
+    if args.model is None:
+        try:
+            model_path = ensure_demo_model(progress=True)
+        except DemoModelError as exc:
+            raise CliError(str(exc)) from None
+        draft_spec = args.draft or "self:8"
+    else:
+        model_path = Path(args.model)
+        draft_spec = args.draft or "none"
+    if draft_spec == "lookup":
+        raise CliError("--draft lookup runs in the single-process mode only (drop the placement flags)")
+    fields = {"target": str(model_path), "draft": draft_spec, "num_draft_tokens": args.num_draft_tokens,
+              "overlap": not args.no_overlap, "adaptive": not args.no_adaptive, "colocate": args.colocate,
+              "num_gpus": args.num_gpus, "address": args.address, "dtype": args.dtype or "auto"}
+    if args.target_gpus is not None:
+        fields["target_gpus"] = args.target_gpus
+    if args.draft_gpus is not None:
+        fields["draft_gpus"] = args.draft_gpus
+    elif args.colocate:
+        fields["draft_gpus"] = 0
+    if fields["num_gpus"] is None and args.address is None:
+        import torch
+
+        if not torch.cuda.is_available():  # declare fake GPUs so every placement can be tried on CPU
+            fields["num_gpus"] = (fields.get("target_gpus", 1)
+                                  + (0 if args.colocate or draft_spec == "none" else fields.get("draft_gpus", 1)))
+        fields["cpus_per_worker"] = 0
+    try:
+        config = ClusterConfig(**fields)
+    except (pydantic.ValidationError, PlacementError) as exc:
+        raise CliError(_config_error(exc)) from None
+    tokenizer = load_tokenizer(model_path)
+    prompt_ids = _encode_prompt(tokenizer, args.prompt, args.chat)
+    if stream is not None:
+        stream.tokenizer = tokenizer
+    try:
+        cluster = Cluster.start(config)
+    except PlacementError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        start = time.perf_counter()
+        output = None
+        for item in cluster.generate_sync(prompt_ids, args.sampling, stop=args.stop):
+            if hasattr(item, "finish_reason"):
+                output = item
+            elif stream is not None:
+                stream(0, item.token_ids)
+        elapsed = time.perf_counter() - start
+        snapshot = cluster.metrics_snapshot()
+    except (ValueError, EngineOverloadedError) as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        cluster.shutdown()
+    return {
+        "text": output.text, "token_ids": output.token_ids, "stats": output.stats,
+        "finish_reason": output.finish_reason, "model": str(model_path), "draft": draft_spec,
+        "num_draft_tokens": args.num_draft_tokens if config.has_draft else 0,
+        "prompt_tokens": len(prompt_ids), "device": cluster.workers.info.target_device,
+        "dtype": config.dtype, "elapsed_s": round(elapsed, 4),
+        "placement": cluster.workers.plan.describe(), "metrics": snapshot,
+    }
+
+
+def _config_error(exc: Exception) -> str:
+    import pydantic
+
+    if isinstance(exc, pydantic.ValidationError):
+        first = exc.errors()[0]
+        field = ".".join(str(x) for x in first["loc"]) or "config"
+        return f"{field}: {first['msg']}"
+    return str(exc)
 
 
 def _encode_prompt(tokenizer, prompt: str, chat: bool | None) -> list[int]:

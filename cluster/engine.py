@@ -1,254 +1,444 @@
-"""Distributed engine, first slice: draft and target as two Ray actors taking turns (control plane).
+"""The engine loop: continuous batching of speculative steps over the worker actors (control plane).
 
-``DistributedEngine.start`` creates a ``TargetWorker`` (rank 0) and, unless the draft spec is
-``none``, a ``DraftWorker`` (rank 1) as Ray actors, and has them form a ``torch.distributed``
-group (``actors.transport``): the target reports its node address and a free port, both actors
-``init_transport`` concurrently. ``generate`` then runs, for one batch of prompts:
+``Engine`` runs on its own thread. Callers ``submit`` requests and ``abort`` them from any thread;
+each request reports through its ``sink`` (``("tokens", token_ids, text)``, then ``("finished",
+result)`` or ``("error", exception)``). Per iteration the loop
 
-    prefill   target.add_requests (ragged prefill, first token) | draft.add_requests (prompts)
-    per step  draft.propose(step, draft_req_ids, num_token_msgs)  | target.verify(step, req_ids, draft_req_ids)
-              both calls in flight at once; the proposals go draft -> target over the transport,
-              the emitted tokens target -> draft over the transport (one message per target call)
-    emit      the target's reply (emitted ids + per-request counts) is applied here: stop tokens,
-              max_tokens, the context limit; finished requests are freed on both actors
+1. applies aborts and admits waiting requests by KV capacity (``cluster.scheduler``);
+2. asks the speculation policy how many draft tokens each decoding request gets (goodput-adaptive
+   or fixed; zero while the draft is down);
+3. issues one ``step`` to every target rank — prefill of the admitted requests and verification
+   of the decoding ones in one ragged forward — and, concurrently, one ``step`` to the draft
+   (new requests, its proposals, the overlap speculation, frees);
+4. waits for the target only (the draft may still be speculating for the next step), then emits
+   tokens: stop tokens, ``max_tokens``, the context limit and stop strings end a request; its KV
+   is freed on every worker in the next step.
 
-What travels where: Ray actor calls carry control only — request ids, step numbers, sampling
-parameters, prompts of new requests and the emitted ids the user receives; draft tokens, parent
-indices, draft probabilities and the token stream the draft catches up from go over
-``torch.distributed`` (gloo on CPU or a shared GPU, NCCL between GPUs).
+Faults (``cluster.workers.WorkerFailure``):
+* draft lost (its call failed, or the target reports the link gone): running requests continue
+  target-only; the draft actor is restarted by Ray and, once it answers, the link is re-formed and
+  every running request handed to it with its tokens so far — no request is lost, and greedy
+  output is unchanged;
+* target lost (died, raised, or silent past ``step_timeout_s``): its running requests fail with a
+  ``WorkerFailure``; every worker restarts, the groups are re-formed, waiting requests then run.
+  If the target does not come back within ``start_timeout_s`` the engine is dead and says so.
 
-Invariants: greedy output equals ``actors.spec.reference.generate`` token for token, and seeded
-sampling reproduces it exactly (same batches, same per-request generators, same order); every
-``ray`` wait has a timeout, and a worker that dies or stops answering raises ``EngineError`` —
-after which the engine refuses work until it is shut down and started again.
-
-Not yet here (issue 3): a scheduler with admission by KV capacity and queueing (a batch that does
-not fit raises), continuous batching (one ``generate`` batch at a time), streaming and abort,
-stop strings, overlap (PEARL pre/post-verify), goodput-adaptive speculation length, token trees,
-target tensor parallelism, placement through ``placement/``, draft-failure fallback and actor
-restarts.
+Invariants: every request ends with exactly one ``finished`` or ``error`` event; the scheduler's
+reservations are released exactly once per admitted request; the draft's token stream is counted
+per link (``_token_msgs``) so the draft never waits for a message that will not come.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import ray
-import torch
 
-from actors.spec.sequence import GenerationResult, SequenceState
+from actors.spec.sequence import SequenceState
 from actors.spec.types import SamplingParams
+from cluster.config import ClusterConfig
+from cluster.scheduler import Scheduler
+from cluster.workers import WorkerFailure, WorkerSet, check
+from placement.spec import DRAFT, TARGET
+
+log = logging.getLogger("outrider.engine")
+
+Sink = Callable[[tuple], None]
 
 
-class EngineError(RuntimeError):
-    """A worker died, failed or stopped answering; the engine must be restarted."""
+class EngineDeadError(RuntimeError):
+    """The engine stopped (shut down, or a worker could not be recovered)."""
 
 
-class DistributedEngine:
-    """Control plane of one target worker and one draft worker, taking turns."""
+@dataclass
+class GenerationOutput:
+    """The final state of one request."""
 
-    def __init__(self, target, draft, *, info: dict, num_draft_tokens: int, block_size: int,
-                 step_timeout_s: float, placement_group=None) -> None:
-        self._target, self._draft = target, draft
-        self._vocab, self._max_context = info["vocab_size"], info["max_context"]
-        self.num_draft_tokens = num_draft_tokens if draft is not None else 0
-        self.block_size = block_size
-        self.step_timeout_s = step_timeout_s
-        self._placement_group = placement_group
-        self._req_ids = itertools.count()
-        self._token_msgs = 0  # tokens messages the target has sent to the draft
-        self._failed: str | None = None
-
-    # ----------------------------------------------------------------- lifecycle
-    @classmethod
-    def start(
-        cls,
-        target_path: str,
-        draft_spec: str,
-        num_draft_tokens: int,
-        *,
-        target_gpus: float = 1,
-        draft_gpus: float = 1,
-        colocate: bool = False,
-        dtype: torch.dtype | None = None,
-        kv_budget_tokens: int = 4096,
-        block_size: int = 16,
-        step_timeout_s: float = 60.0,
-        start_timeout_s: float = 180.0,
-    ) -> DistributedEngine:
-        """Start the workers (``draft_spec``: ``none``, ``self:N`` or a checkpoint path).
-
-        ``colocate`` puts both on one GPU (fractions summing to at most 1) through a one-bundle
-        placement group; the transport then uses gloo, as NCCL refuses two ranks on one GPU.
-        """
-        from actors.draft_worker import DraftWorker
-        from actors.target_worker import TargetWorker
-
-        use_draft = draft_spec.strip() != "none" and num_draft_tokens > 0
-        if target_gpus < 0 or draft_gpus < 0:
-            raise ValueError("target_gpus and draft_gpus must be >= 0")
-        target_opts, draft_opts, group = {"num_gpus": target_gpus}, {"num_gpus": draft_gpus}, None
-        if colocate and use_draft:
-            if target_gpus + draft_gpus > 1:
-                raise ValueError(f"colocate needs target_gpus + draft_gpus <= 1, got {target_gpus} + {draft_gpus}")
-            from ray.util.placement_group import placement_group
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            group = placement_group([{"GPU": 1}])
-            if not group.wait(timeout_seconds=start_timeout_s):
-                ray.util.remove_placement_group(group)
-                raise EngineError("colocate: no GPU free for the shared placement bundle")
-            pin = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
-            target_opts["scheduling_strategy"] = draft_opts["scheduling_strategy"] = pin
-        common = {"dtype": dtype, "kv_budget_tokens": kv_budget_tokens, "block_size": block_size}
-        target = ray.remote(TargetWorker).options(num_cpus=0, max_restarts=0, **target_opts).remote(
-            str(target_path), **common)
-        draft = None
-        if use_draft:
-            draft = ray.remote(DraftWorker).options(num_cpus=0, max_restarts=0, **draft_opts).remote(
-                draft_spec, str(target_path), num_draft_tokens=num_draft_tokens, **common)
-        engine = cls(target, draft, info={"vocab_size": 0, "max_context": 0}, num_draft_tokens=num_draft_tokens,
-                     block_size=block_size, step_timeout_s=start_timeout_s, placement_group=group)
-        try:
-            info = engine._call([("target", target.info.remote())], "start")[0]
-            engine._vocab, engine._max_context = info["vocab_size"], info["max_context"]
-            if draft is not None:
-                engine._call([("draft", draft.info.remote())], "start")
-                addr, port = engine._call([("target", target.transport_address.remote())], "start")[0]
-                backend = "gloo" if colocate else None
-                engine._call([("target", target.init_transport.remote(addr, port, 0, 2, backend)),
-                              ("draft", draft.init_transport.remote(addr, port, 1, 2, backend))], "transport setup")
-        except BaseException:
-            engine.shutdown()
-            raise
-        engine.step_timeout_s = step_timeout_s
-        return engine
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # stop | length | abort
+    stats: dict
+    ttft_s: float | None = None
+    latency_s: float | None = None
 
     @property
-    def workers(self) -> dict:
-        """Ray actor handles by role (``target``, and ``draft`` when there is one)."""
-        return {role: a for role, a in (("target", self._target), ("draft", self._draft)) if a is not None}
+    def usage(self) -> dict:
+        n_prompt, n_out = len(self.prompt_token_ids), len(self.token_ids)
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+
+@dataclass
+class _Request:
+    state: SequenceState
+    sink: Sink
+    detok: object | None
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    prefilled: bool = False
+    text: str = ""
+
+    @property
+    def req_id(self) -> int:
+        return self.state.req_id
+
+
+class Engine:
+    def __init__(self, config: ClusterConfig, workers: WorkerSet, *, tokenizer=None, policy, metrics) -> None:
+        self.config, self.workers, self.tokenizer = config, workers, tokenizer
+        self.policy, self.metrics = policy, metrics
+        info = workers.info
+        self.vocab_size, self.max_context = info.vocab_size, info.max_context
+        capacity = {TARGET: info.target_kv_tokens}
+        if info.draft_kv_tokens is not None:
+            capacity[DRAFT] = info.draft_kv_tokens
+        k = config.num_draft_tokens if config.has_draft else 0
+        self.scheduler = Scheduler(
+            capacity, block_size=config.block_size, max_context=self.max_context,
+            draft_slack_tokens=(2 * k + 2) if config.overlap else (k + 1),
+            max_running=config.max_running, max_waiting=config.max_waiting,
+            max_prefill_tokens=config.max_prefill_tokens)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._ids = itertools.count()
+        self._requests: dict[int, _Request] = {}  # admitted or waiting, not finished
+        self._aborts: set[int] = set()
+        self._frees: list[int] = []  # finished requests whose KV the workers still hold
+        self._step_id = 0
+        self._draft_up = workers.draft is not None
+        self._draft_next_check = 0.0
+        self._draft_backlog: list = []  # (req_id, tokens, params) to hand to a re-connected draft
+        self._draft_pending: list[ray.ObjectRef] = []
+        self._token_msgs = 0
+        self._dead: str | None = None
+        self._decision = None
+        self._stopping = False
+        self.idle = threading.Event()  # set while nothing runs or waits (tests, graceful drain)
+        self.idle.set()
+        self._thread = threading.Thread(target=self._run, name="outrider-engine", daemon=True)
+        self.metrics.set_draft_up(self._draft_up)
+
+    # ----------------------------------------------------------------- public, any thread
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink, *, stop: tuple[str, ...] = ()) -> int:
+        """Validate and queue a request; raises ``ValueError``, ``EngineOverloadedError`` or ``EngineDeadError``."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine is not running: {self._dead}")
+        self._validate(prompt_ids, params, stop)
+        detok = None
+        if self.tokenizer is not None:
+            from cluster.detokenizer import IncrementalDetokenizer
+
+            detok = IncrementalDetokenizer(self.tokenizer, list(prompt_ids), stop_strings=tuple(stop))
+        with self._lock:
+            req_id = next(self._ids)
+            self.scheduler.add(req_id, len(prompt_ids), params.max_tokens)
+            self._requests[req_id] = _Request(SequenceState(req_id, list(prompt_ids), params, len(prompt_ids)),
+                                              sink, detok)
+            self.idle.clear()
+        self._wake.set()
+        return req_id
+
+    def abort(self, req_id: int) -> None:
+        with self._lock:
+            if req_id in self._requests:
+                self._aborts.add(req_id)
+        self._wake.set()
 
     def shutdown(self) -> None:
-        """Kill the workers (no graceful transport teardown: a peer may be stuck in a receive)."""
-        for actor in (self._draft, self._target):
-            if actor is not None:
-                ray.kill(actor, no_restart=True)
-        self._draft = self._target = None
-        if self._placement_group is not None:
-            ray.util.remove_placement_group(self._placement_group)
-            self._placement_group = None
-        self._failed = self._failed or "the engine was shut down"
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=self.config.step_timeout_s)
 
-    # ----------------------------------------------------------------- generation
-    def generate(self, prompts: Sequence[Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams]) -> list[GenerationResult]:
-        """Generate for every prompt in one batch; same results as the reference loop."""
-        if self._failed is not None:
-            raise EngineError(f"engine unusable ({self._failed}); shut it down and start a new one")
-        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(params_list) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling parameters")
-        self._validate(prompts)
-        reqs = [SequenceState(next(self._req_ids), list(p), sp, len(p)) for p, sp in zip(prompts, params_list)]
-        if not reqs:
-            return []
-        self._admit(reqs)
+    @property
+    def draft_up(self) -> bool:
+        return self._draft_up
+
+    @property
+    def dead(self) -> str | None:
+        return self._dead
+
+    def num_requests(self) -> tuple[int, int]:
+        """(running, waiting)."""
+        with self._lock:
+            return len(self.scheduler.running), len(self.scheduler.waiting)
+
+    # ----------------------------------------------------------------- the loop
+    def _run(self) -> None:
         try:
-            self._run(reqs)
-        except EngineError as exc:
-            self._failed = str(exc)
-            raise
-        return [r.result() for r in reqs]
+            while not self._stopping:
+                self._apply_aborts()
+                self._maybe_reconnect_draft()
+                with self._lock:
+                    admitted = [self._requests[r] for r in self.scheduler.admit()]
+                running = [r for r in self._requests.values() if r.prefilled]
+                if not admitted and not running:
+                    self._flush_frees()
+                    self._publish_queue()
+                    with self._lock:
+                        if not self._requests:
+                            self.idle.set()
+                    self._wake.wait(timeout=self.config.draft_restart_s if not self._draft_up else 1.0)
+                    self._wake.clear()
+                    continue
+                try:
+                    self._step(admitted, running)
+                except WorkerFailure as failure:
+                    self._on_target_failure(failure, admitted + running)
+        except BaseException as exc:  # noqa: BLE001 - the loop must never die silently
+            log.exception("engine loop crashed")
+            self._die(f"engine loop crashed: {type(exc).__name__}: {exc}")
+        else:
+            self._die("the engine was shut down")
 
-    def kv_free_tokens(self) -> dict[str, int]:
-        """Free KV tokens per role (``target``, and ``draft`` when there is one)."""
-        calls = [("target", self._target.kv_free_tokens.remote())]
-        if self._draft is not None:
-            calls.append(("draft", self._draft.kv_free_tokens.remote()))
-        return dict(zip((role for role, _ in calls), self._call(calls, "kv_free_tokens")))
+    def _step(self, admitted: list[_Request], running: list[_Request]) -> None:
+        self._step_id += 1
+        step_id = self._step_id
+        draft_ks = self._choose_draft_lengths(running) if self._draft_up else {}
+        draft_ids = [r for r, k in draft_ks.items() if k > 0]
+        new = [(r.req_id, list(r.state.tokens), r.state.params) for r in admitted]
+        frees, self._frees = self._frees, []
+        t0 = time.perf_counter()
+        target_refs = [t.step.remote(step_id, new, [r.req_id for r in running], draft_ids, frees)
+                       for t in self.workers.targets]
+        draft_ref = None
+        if self._draft_up:
+            backlog, self._draft_backlog = self._draft_backlog, []
+            draft_ref = self.workers.draft.step.remote(
+                step_id, backlog + new, {r: draft_ks[r] for r in draft_ids}, self._token_msgs, frees)
+            self._draft_pending.append(draft_ref)
+        out = self._wait_target(target_refs, draft_ref)
+        elapsed = time.perf_counter() - t0
+        if self._draft_up:
+            if out["draft_link"]:
+                self._token_msgs += 1
+            else:
+                self._draft_lost(WorkerFailure(DRAFT, "lost", "the target lost the draft link"))
+        results = out["results"]
+        now = time.monotonic()
+        for r in admitted:
+            r.prefilled = True
+            self._emit(r, results[r.req_id]["token_ids"], now)
+        for r in running:
+            res = results[r.req_id]
+            r.state.stats.record(res["num_proposed"], res["num_accepted"])
+            self.policy.observe_verdict(r.req_id, res["num_proposed"], res["num_accepted"])
+            self._emit(r, res["token_ids"], now)
+        self._observe_step(admitted, running, draft_ks, results, out, elapsed)
+        self._publish_queue()
 
-    # ----------------------------------------------------------------- step loop
-    def _run(self, reqs: list[SequenceState]) -> None:
-        new = [(r.req_id, list(r.tokens), r.params) for r in reqs]
-        calls = [("target", self._target.add_requests.remote(new))]
-        if self._draft is not None:
-            calls.append(("draft", self._draft.add_requests.remote(new)))
-        first = self._call(calls, "prefill")[0]
-        self._count_token_msg()
-        for r in reqs:
-            r.stats.target_forward_passes += 1
-            r.emit(first[r.req_id]["token_ids"])
-        active = self._retire(reqs)
-        step = 0
-        while active:
-            step += 1
-            ids = [r.req_id for r in active]
-            draft_ids = [r.req_id for r in active if len(r.tokens) + self.num_draft_tokens < self._max_context]
-            if self._draft is None:
-                draft_ids = []
-            calls = [("target", self._target.verify.remote(step, ids, draft_ids))]
-            if draft_ids:
-                calls.append(("draft", self._draft.propose.remote(step, draft_ids, self._token_msgs)))
-            out = self._call(calls, f"step {step}")[0]
-            self._count_token_msg()
-            for r in active:
-                result = out[r.req_id]
-                r.stats.record(result["num_proposed"], result["num_accepted"])
-                r.emit(result["token_ids"])
-                if r.finish_reason is None and len(r.tokens) >= self._max_context:
-                    r.finish_reason = "length"
-            active = self._retire(active)
-
-    def _retire(self, reqs: list[SequenceState]) -> list[SequenceState]:
-        """Free finished requests on every worker; return the ones still running."""
-        done = [r.req_id for r in reqs if r.finish_reason is not None]
-        if done:
-            calls = [("target", self._target.free.remote(done))]
-            if self._draft is not None:
-                calls.append(("draft", self._draft.free.remote(done)))
-            self._call(calls, "free")
-        return [r for r in reqs if r.finish_reason is None]
-
-    def _count_token_msg(self) -> None:
-        if self._draft is not None:
-            self._token_msgs += 1
-
-    # ----------------------------------------------------------------- checks
-    def _validate(self, prompts: Sequence[Sequence[int]]) -> None:
-        for i, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"prompt {i} is empty")
-            if min(prompt) < 0 or max(prompt) >= self._vocab:
-                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {self._vocab})")
-            if len(prompt) >= self._max_context:
-                raise ValueError(f"prompt {i} has {len(prompt)} tokens; the model's context is {self._max_context}")
-
-    def _admit(self, reqs: list[SequenceState]) -> None:
-        """The whole batch must fit in every worker's KV cache (no queueing yet)."""
-        extra = self.num_draft_tokens + 1
-        need = sum(
-            -(-(min(r.num_prompt + r.params.max_tokens, self._max_context) + extra) // self.block_size) * self.block_size
-            for r in reqs
-        )
-        for role, free in self.kv_free_tokens().items():
-            if need > free:
-                raise ValueError(f"batch needs up to {need} KV tokens but the {role} worker has {free} free")
-
-    def _call(self, calls: list[tuple[str, ray.ObjectRef]], phase: str) -> list:
-        """Wait for every call with one deadline; a failure or silence raises ``EngineError``."""
-        deadline = time.monotonic() + self.step_timeout_s
-        role_of = {ref: role for role, ref in calls}
-        pending = [ref for _, ref in calls]
-        while pending:
+    def _wait_target(self, target_refs: list, draft_ref) -> dict:
+        """Wait for every target rank; a draft failure seen meanwhile restarts the draft at once."""
+        deadline = time.monotonic() + self.config.step_timeout_s
+        pending = list(target_refs) + self._draft_pending
+        while any(ref in pending for ref in target_refs):
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                silent = ", ".join(role_of[ref] for ref in pending)
-                raise EngineError(f"{phase}: no reply from the {silent} worker within {self.step_timeout_s:.0f} s")
-            try:
-                ray.get(ready[0])
-            except ray.exceptions.RayError as exc:
-                raise EngineError(f"{phase}: the {role_of[ready[0]]} worker failed: {type(exc).__name__}: {exc}") from exc
-        return ray.get([ref for _, ref in calls])
+                raise WorkerFailure(TARGET, "did not answer", f"step {self._step_id}: no reply within "
+                                    f"{self.config.step_timeout_s:.0f} s")
+            ref = ready[0]
+            if ref in target_refs:
+                check(ref, TARGET, f"step {self._step_id}")
+            else:
+                self._draft_pending.remove(ref)
+                try:
+                    check(ref, DRAFT, f"step {self._step_id}")
+                except WorkerFailure as failure:
+                    self._draft_lost(failure)
+                else:
+                    stats = ray.get(ref)
+                    self.policy.observe_costs(0, 0, None, stats)
+                    self.metrics.on_draft_step(stats)
+        return ray.get(target_refs[0])
+
+    # ----------------------------------------------------------------- emission
+    def _emit(self, r: _Request, token_ids: list[int], now: float) -> None:
+        state = r.state
+        if r.first_token_at is None:
+            r.first_token_at = now
+        kept = state.emit(token_ids)
+        text = ""
+        if r.detok is not None and kept:
+            delta = r.detok.push(kept)
+            text = delta.text
+            if delta.stopped:
+                drop = len(kept) - delta.num_tokens_kept
+                if drop:
+                    del state.tokens[len(state.tokens) - drop:]
+                    kept = kept[: len(kept) - drop]
+                state.finish_reason = "stop"
+        if state.finish_reason is None and len(state.tokens) >= self.max_context:
+            state.finish_reason = "length"
+        if state.finish_reason is not None and r.detok is not None:
+            text += r.detok.finish()
+        r.text += text
+        if kept or text:
+            r.sink(("tokens", kept, text))
+        if state.finish_reason is not None:
+            self._finish(r, state.finish_reason)
+
+    def _finish(self, r: _Request, reason: str, error: BaseException | None = None) -> None:
+        self.policy.forget(r.req_id)
+        with self._lock:
+            self._requests.pop(r.req_id, None)
+            self._aborts.discard(r.req_id)
+            if r.req_id in self.scheduler.running:
+                self.scheduler.release(r.req_id)
+                self._frees.append(r.req_id)
+            else:
+                self.scheduler.remove_waiting(r.req_id)
+        now = time.monotonic()
+        ttft = None if r.first_token_at is None else r.first_token_at - r.arrival
+        n_out = len(r.state.output)
+        tpot = (now - r.first_token_at) / (n_out - 1) if r.first_token_at is not None and n_out > 1 else None
+        status = "failed" if error is not None else ("aborted" if reason == "abort" else "finished")
+        self.metrics.on_request_finished(status, reason, ttft, tpot, r.state.num_prompt, n_out)
+        if error is not None:
+            r.sink(("error", error))
+            return
+        r.state.finish_reason = reason
+        r.sink(("finished", GenerationOutput(
+            r.req_id, r.state.tokens[: r.state.num_prompt], list(r.state.output),
+            r.text if r.detok is not None else None, reason, r.state.stats.as_dict(), ttft, now - r.arrival)))
+
+    def _apply_aborts(self) -> None:
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+        for req_id in aborts:
+            r = self._requests.get(req_id)
+            if r is not None:
+                self._finish(r, "abort")
+
+    def _flush_frees(self) -> None:
+        frees, self._frees = self._frees, []
+        if not frees:
+            return
+        calls = [(TARGET, t.free.remote(frees)) for t in self.workers.targets]
+        if self._draft_up:
+            calls.append((DRAFT, self.workers.draft.free.remote(frees)))
+        try:
+            self.workers.call(calls, "free")
+        except WorkerFailure as failure:
+            if failure.role == DRAFT:
+                self._draft_lost(failure)
+            else:
+                self._on_target_failure(failure, [])
+
+    # ----------------------------------------------------------------- speculation
+    def _choose_draft_lengths(self, running: list[_Request]) -> dict[int, int]:
+        caps = {}
+        for r in running:
+            left = r.state.params.max_tokens - len(r.state.output) - 1  # the bonus token is free
+            room = self.max_context - len(r.state.tokens) - 1
+            caps[r.req_id] = max(0, min(left, room))
+        self._decision = self.policy.choose([r.req_id for r in running], caps)
+        return {r.req_id: min(self._decision.k_for(r.req_id), caps[r.req_id]) for r in running}
+
+    def _observe_step(self, admitted, running, draft_ks, results, out, elapsed) -> None:
+        decision = self._decision if running and self._draft_up else None
+        self._decision = None
+        proposed = [results[r.req_id]["num_proposed"] for r in running]
+        accepted = [results[r.req_id]["num_accepted"] for r in running]
+        if running and not admitted:
+            tokens = sum(1 + p for p in proposed) / len(running)
+            self.policy.observe_costs(len(running), tokens, out.get("forward_s"), None)
+        self.metrics.on_step(decision, elapsed, out.get("forward_s"), proposed, accepted)
+
+    # ----------------------------------------------------------------- faults
+    def _draft_lost(self, failure: WorkerFailure) -> None:
+        if not self._draft_up:
+            return
+        log.warning("draft lost (%s); continuing target-only until it is back", failure)
+        self._draft_up = False
+        self._draft_pending = []
+        self._draft_backlog = []
+        self.metrics.set_draft_up(False)
+        self.workers.restart(DRAFT)
+        for t in self.workers.targets[:1]:
+            t.disconnect_draft.remote()
+        self._draft_next_check = time.monotonic() + self.config.draft_restart_s
+
+    def _maybe_reconnect_draft(self) -> None:
+        if self._draft_up or self.workers.draft is None or time.monotonic() < self._draft_next_check:
+            return
+        self._draft_next_check = time.monotonic() + self.config.draft_restart_s
+        if not self.workers.poll_ready(DRAFT, 0.05):
+            return
+        try:
+            self.workers.connect_draft(self.config.start_timeout_s)
+        except WorkerFailure as failure:
+            if failure.role == TARGET:
+                raise
+            log.warning("draft back but the link failed (%s); retrying", failure)
+            self.workers.restart(DRAFT)
+            return
+        self._token_msgs = 0
+        self._draft_backlog = [(r.req_id, list(r.state.tokens), r.state.params)
+                               for r in self._requests.values() if r.prefilled]
+        self._draft_up = True
+        self.metrics.set_draft_up(True)
+        log.warning("draft back; speculation resumed for %d running requests", len(self._draft_backlog))
+
+    def _on_target_failure(self, failure: WorkerFailure, affected: list[_Request]) -> None:
+        log.error("target failed (%s); failing its running requests and restarting the workers", failure)
+        for r in list(self._requests.values()):
+            if r.prefilled or r in affected:
+                self._finish(r, "error", error=failure)
+        self._frees = []
+        if failure.kind != "died":
+            self.workers.restart(TARGET)
+        if self.workers.draft is not None:
+            self.workers.restart(DRAFT)
+        self._draft_up = False
+        self._draft_pending, self._draft_backlog = [], []
+        self.metrics.set_draft_up(False)
+        deadline = time.monotonic() + self.config.start_timeout_s
+        while not self._stopping and not self.workers.poll_ready(TARGET, 1.0):
+            if time.monotonic() > deadline:
+                self._die(f"the target worker did not come back within {self.config.start_timeout_s:.0f} s "
+                          f"after: {failure}")
+                return
+        try:
+            self.workers.form_target_group(self.config.start_timeout_s)
+        except WorkerFailure as again:
+            self._die(f"the target worker group could not be re-formed: {again}")
+            return
+        self._token_msgs = 0
+        self._draft_next_check = 0.0
+
+    def _die(self, reason: str) -> None:
+        self._dead = self._dead or reason
+        error = EngineDeadError(reason)
+        for r in list(self._requests.values()):
+            self._finish(r, "error", error=error)
+        self.idle.set()
+
+    # ----------------------------------------------------------------- checks
+    def _validate(self, prompt_ids: list[int], params: SamplingParams, stop: tuple[str, ...]) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise ValueError(f"the prompt has token ids outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt_ids) >= self.max_context:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context}")
+        if params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        if stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and the target checkpoint has none")
+
+    def _publish_queue(self) -> None:
+        with self._lock:
+            running, waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+            usage = self.scheduler.usage()
+        self.metrics.set_queue(running, waiting)
+        for role, fraction in usage.items():
+            self.metrics.set_kv_usage(role, fraction)

@@ -1,0 +1,59 @@
+"""The engine's speculation controller: one policy, its acceptance estimates and cost model (control plane).
+
+``SpeculationControl`` binds the pieces of ``cluster.speculation_policy`` to one engine:
+``choose`` before a step (per-request caps: the tokens a request may still emit and its room in
+the context), ``observe_verdict`` per request and ``observe_costs`` per step after it. Measured
+costs only: the target's own forward time (not its wait for proposals) and the draft's drafting
+time, each at the batch size it ran with.
+
+Invariants: with ``adaptive=False`` every request gets ``num_draft_tokens`` (capped); the
+estimates keep learning either way, so the metrics show acceptance and predicted goodput even for
+a fixed policy; a finished request is forgotten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+from cluster.config import ClusterConfig
+from cluster.speculation_policy import (
+    AcceptanceEstimator,
+    FixedPolicy,
+    GoodputPolicy,
+    SpecDecision,
+    StepCostModel,
+)
+
+
+class SpeculationControl:
+    def __init__(self, config: ClusterConfig) -> None:
+        k = config.num_draft_tokens if config.has_draft else 0
+        self.max_draft_tokens = k
+        self.estimator = AcceptanceEstimator(max(k, 1))
+        self.costs = StepCostModel.from_table(config.cost_table) if config.cost_table else StepCostModel()
+        if config.adaptive and k > 0:
+            self.policy = GoodputPolicy(self.estimator, self.costs, k, overlap=config.overlap)
+        else:
+            self.policy = FixedPolicy(k, self.estimator, self.costs, overlap=config.overlap)
+
+    def choose(self, req_ids: Sequence[Hashable], caps: Mapping[Hashable, int]) -> SpecDecision:
+        return self.policy.choose(req_ids, caps)
+
+    def observe_verdict(self, req_id: Hashable, num_proposed: int, num_accepted: int) -> None:
+        if num_proposed > 0:
+            self.estimator.observe(req_id, num_proposed, num_accepted)
+
+    def observe_costs(self, batch_size: int, tokens_per_seq: float, forward_s: float | None,
+                      draft: dict | None) -> None:
+        if forward_s is not None and batch_size > 0:
+            self.costs.observe_verify(batch_size, tokens_per_seq, forward_s)
+        if draft and draft.get("levels") and draft.get("batch"):
+            if draft.get("hits", 0) == 0 and draft.get("propose_s", 0) > 0:
+                self.costs.observe_draft(draft["batch"], draft["levels"], draft["propose_s"])
+
+    def forget(self, req_id: Hashable) -> None:
+        self.estimator.forget(req_id)
+
+
+def build_policy(config: ClusterConfig) -> SpeculationControl:
+    return SpeculationControl(config)

@@ -1,0 +1,164 @@
+"""The worker actors of one replica: start, connect, call with deadlines, recover (control plane).
+
+``WorkerSet`` places the target ranks and the draft through ``placement/`` (one placement group
+per replica, each actor pinned to its bundle), forms the tensor-parallel group of the target
+ranks and the draft link (target rank 0 <-> draft) as ``torch.distributed`` groups, and wraps
+every actor call in a deadline. A failure is classified once, here, as a ``WorkerFailure`` with
+the role that failed — the engine decides what to do with it.
+
+Invariants:
+* every wait on a worker has a deadline; a worker that does not answer in time counts as failed;
+* the actors are created with Ray restarts (``max_worker_restarts``); ``restart(role)`` kills a
+  role's actors so Ray starts them afresh, and ``wait_ready(role)`` polls them without blocking
+  longer than asked. A group (TP, or the draft link) is always re-formed on a fresh port after
+  any of its members restarted — ``torch.distributed`` cannot re-admit a rank;
+* the draft link uses gloo whenever the two ends share a device or run on CPU, NCCL otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import ray
+
+from cluster.config import ClusterConfig
+from placement.groups import PlacedCluster, create_placement_groups
+from placement.planner import plan
+from placement.spec import DRAFT, TARGET, ClusterResources
+
+
+class WorkerFailure(RuntimeError):
+    """A worker of ``role`` died, raised, or did not answer within the deadline."""
+
+    def __init__(self, role: str, kind: str, message: str) -> None:
+        super().__init__(f"the {role} worker {kind}: {message}")
+        self.role, self.kind = role, kind
+
+
+@dataclass
+class WorkerInfo:
+    vocab_size: int
+    max_context: int
+    target_kv_tokens: int
+    draft_kv_tokens: int | None
+    target_device: str
+    draft_device: str | None
+
+
+class WorkerSet:
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.placed: PlacedCluster | None = None
+        self.targets: list = []
+        self.draft = None
+        self.info: WorkerInfo | None = None
+
+    # ----------------------------------------------------------------- start
+    def start(self) -> WorkerInfo:
+        from actors.draft_worker import DraftWorker
+        from actors.target_worker import TargetWorker
+
+        cfg = self.config
+        self.plan = plan(cfg.placement_request(), ClusterResources.from_ray())
+        self.placed = create_placement_groups(self.plan, timeout_s=cfg.start_timeout_s)
+        common = {"dtype": cfg.torch_dtype(), "kv_budget_tokens": cfg.kv_budget_tokens, "block_size": cfg.block_size}
+        restarts = {"max_restarts": cfg.max_worker_restarts, "max_task_retries": 0}
+        self.targets = [
+            ray.remote(TargetWorker).options(**self.placed.actor_options(0, TARGET, rank), **restarts).remote(
+                cfg.target, tp_rank=rank, tp_size=cfg.target_gpus, **common)
+            for rank in range(cfg.target_gpus)
+        ]
+        if cfg.has_draft:
+            self.draft = ray.remote(DraftWorker).options(**self.placed.actor_options(0, DRAFT, 0), **restarts).remote(
+                cfg.draft, cfg.target, num_draft_tokens=cfg.num_draft_tokens, overlap=cfg.overlap,
+                pre_verify=cfg.pre_verify, **common)
+        self.form_target_group(cfg.start_timeout_s)
+        leader = self.call([(TARGET, self.targets[0].info.remote())], "start", cfg.start_timeout_s)[0]
+        draft_info = None
+        if self.draft is not None:
+            draft_info = self.call([(DRAFT, self.draft.info.remote())], "start", cfg.start_timeout_s)[0]
+            self.connect_draft(cfg.start_timeout_s)
+        self.info = WorkerInfo(
+            vocab_size=leader["vocab_size"], max_context=leader["max_context"],
+            target_kv_tokens=leader["kv_capacity_tokens"],
+            draft_kv_tokens=None if draft_info is None else draft_info["kv_capacity_tokens"],
+            target_device=leader["device"], draft_device=None if draft_info is None else draft_info["device"])
+        return self.info
+
+    def form_target_group(self, timeout_s: float) -> None:
+        """Tensor-parallel group of the target ranks (each loads its shard); nothing for tp=1."""
+        if len(self.targets) == 1:
+            return
+        addr, port = self.call([(TARGET, self.targets[0].transport_address.remote())], "tp setup", timeout_s)[0]
+        self.call([(TARGET, t.init_tp.remote(addr, port, None, self.config.step_timeout_s)) for t in self.targets],
+                  "tp setup", timeout_s)
+
+    def connect_draft(self, timeout_s: float) -> str:
+        """(Re)form the draft link on a fresh port; returns the backend."""
+        addr, port = self.call([(TARGET, self.targets[0].transport_address.remote())], "draft link", timeout_s)[0]
+        target_device = self.call([(TARGET, self.targets[0].info.remote())], "draft link", timeout_s)[0]["device"]
+        draft_device = self.call([(DRAFT, self.draft.info.remote())], "draft link", timeout_s)[0]["device"]
+        backend = "gloo" if (target_device == draft_device or "cuda" not in target_device) else None
+        link_timeout = self.config.step_timeout_s / 2
+        backends = self.call([
+            (TARGET, self.targets[0].connect_draft.remote(addr, port, backend, link_timeout)),
+            (DRAFT, self.draft.init_transport.remote(addr, port, backend, link_timeout)),
+        ], "draft link", timeout_s)
+        return backends[0]
+
+    # ----------------------------------------------------------------- calls
+    def call(self, calls: list[tuple[str, ray.ObjectRef]], phase: str, timeout_s: float | None = None) -> list:
+        """Wait for every call with one deadline; a failure or silence raises ``WorkerFailure``."""
+        timeout_s = self.config.step_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        role_of = {ref: role for role, ref in calls}
+        pending = [ref for _, ref in calls]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                silent = sorted({role_of[ref] for ref in pending})
+                raise WorkerFailure(silent[0], "did not answer",
+                                    f"{phase}: no reply within {timeout_s:.0f} s")
+            check(ready[0], role_of[ready[0]], phase)
+        return ray.get([ref for _, ref in calls])
+
+    def restart(self, role: str) -> None:
+        """Kill the role's actors so Ray restarts them (their state is gone; groups must be re-formed)."""
+        for actor in (self.targets if role == TARGET else [self.draft]):
+            if actor is not None:
+                ray.kill(actor, no_restart=False)
+
+    def poll_ready(self, role: str, timeout_s: float) -> bool:
+        """True when every actor of the role answers ``info`` within ``timeout_s``."""
+        actors = self.targets if role == TARGET else [self.draft]
+        try:
+            self.call([(role, a.info.remote()) for a in actors], "restart", timeout_s)
+            return True
+        except WorkerFailure:
+            return False
+
+    def shutdown(self) -> None:
+        for actor in [self.draft, *self.targets]:
+            if actor is not None:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+        self.draft, self.targets = None, []
+        if self.placed is not None:
+            self.placed.remove()
+            self.placed = None
+
+
+def check(ref: ray.ObjectRef, role: str, phase: str) -> None:
+    """Raise ``WorkerFailure`` if the finished call ``ref`` failed."""
+    try:
+        ray.get(ref, timeout=0)
+    except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:
+        raise WorkerFailure(role, "died", f"{phase}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        raise WorkerFailure(role, "failed", f"{phase}: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}") from exc
+    except ray.exceptions.RayError as exc:
+        raise WorkerFailure(role, "died", f"{phase}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc

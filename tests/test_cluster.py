@@ -1,0 +1,239 @@
+"""The distributed engine through its Python API, on a local Ray cluster with fake GPUs and gloo.
+
+One Ray instance for the module. Greedy output must equal the single-process reference loop's
+(target-only: speculation is lossless) for concurrent requests with mixed prompt lengths, late
+arrivals, several draft lengths, with overlap on and off; sampled output must follow the target's
+exact distribution through the distributed path; abort returns KV on both workers; a killed
+draft loses no request; a killed target fails its requests clearly and the engine recovers.
+"""
+
+import asyncio
+import os
+import threading
+import time
+
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from actors.model.loader import load_model
+from actors.spec.reference import generate as reference_generate
+from actors.spec.types import SamplingParams
+from cluster.cluster import Cluster
+from cluster.config import ClusterConfig
+from cluster.scheduler import EngineOverloadedError
+from cluster.workers import WorkerFailure
+from tests.tiny_models import write_tiny_checkpoint
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    target = write_tiny_checkpoint(root / "target", arch="llama", num_layers=4, with_tokenizer=True)
+    draft = write_tiny_checkpoint(root / "draft", arch="llama", num_layers=2, seed=3, with_tokenizer=True)
+    return str(target), str(draft)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=2, num_gpus=4, object_store_memory=256 * 2**20,
+             include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def target_model(checkpoints):
+    return load_model(checkpoints[0])
+
+
+def config(target, **fields):
+    base = {"target": target, "kv_budget_tokens": 2048, "cpus_per_worker": 0, "step_timeout_s": 30,
+            "start_timeout_s": 60, "draft_restart_s": 0.2}
+    return ClusterConfig(**{**base, **fields})
+
+
+def make_prompts(lengths=(3, 17, 9, 40, 5, 23), seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def expected(target_model, prompts, params):
+    return [r.token_ids for r in reference_generate(target_model, prompts, params)]
+
+
+def run_concurrently(cluster, prompts, params, stagger_s=0.0):
+    """Submit every prompt (the later ones after a delay, while the first are mid-generation)."""
+
+    async def one(i, prompt, p):
+        await asyncio.sleep(stagger_s * i)
+        stream = await cluster.generate(prompt, p, ignore_eos=True)
+        chunks = [c async for c in stream]
+        out = await stream.result()
+        assert sum((c.token_ids for c in chunks), []) == out.token_ids  # streamed = final
+        return out
+
+    async def main():
+        return await asyncio.gather(*(one(i, pr, p) for i, (pr, p) in enumerate(zip(prompts, params))))
+
+    return asyncio.run(main())
+
+
+def greedy_params(n):
+    return [SamplingParams(max_tokens=m) for m in (24, 1, 30, 12, 40, 7)[:n]]
+
+
+@pytest.mark.parametrize("fields", [
+    pytest.param({"draft": "self:2", "num_draft_tokens": 3, "overlap": True, "adaptive": False}, id="self2-k3-overlap"),
+    pytest.param({"draft": "self:4", "num_draft_tokens": 4, "overlap": True, "adaptive": False}, id="exact-draft-overlap"),
+    pytest.param({"draft": "CKPT", "num_draft_tokens": 2, "overlap": False, "adaptive": False}, id="ckpt-k2-turns"),
+    pytest.param({"draft": "self:3", "num_draft_tokens": 3, "overlap": True, "pre_verify": True,
+                  "adaptive": True, "colocate": True, "draft_gpus": 0}, id="colocated-preverify-adaptive"),
+])
+def test_greedy_equals_target_only_reference(ray_local, checkpoints, target_model, fields):
+    fields = {**fields, "draft": checkpoints[1] if fields["draft"] == "CKPT" else fields["draft"]}
+    prompts, params = make_prompts(), greedy_params(6)
+    want = expected(target_model, prompts, params)
+    with Cluster.start(config(checkpoints[0], **fields)) as cluster:
+        before = cluster.kv_free_tokens()
+        assert set(before) == {"target", "draft"}
+        got = run_concurrently(cluster, prompts, params, stagger_s=0.05)
+        assert [o.token_ids for o in got] == want
+        assert [o.finish_reason for o in got] == ["length"] * len(prompts)
+        if fields["draft"] == "self:4":  # the draft is the target: everything is accepted
+            assert all(o.stats["mean_accepted_length"] > 3 for o in got if len(o.token_ids) > 12)
+        assert cluster.wait_idle(30)
+        assert cluster.kv_free_tokens() == before
+        snap = cluster.metrics_snapshot()
+        assert snap  # the engine published metrics
+
+
+def test_target_only_and_late_arrivals(ray_local, checkpoints, target_model):
+    prompts, params = make_prompts(), greedy_params(6)
+    with Cluster.start(config(checkpoints[0], draft="none")) as cluster:
+        got = run_concurrently(cluster, prompts, params, stagger_s=0.1)
+        assert [o.token_ids for o in got] == expected(target_model, prompts, params)
+        assert set(cluster.kv_free_tokens()) == {"target"}
+
+
+@pytest.fixture(scope="module")
+def spec_cluster(ray_local, checkpoints):
+    with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=3, max_waiting=8)) as cluster:
+        yield cluster
+
+
+def test_abort_mid_stream_frees_kv_on_both_workers(spec_cluster):
+    before = spec_cluster.kv_free_tokens()
+
+    async def main():
+        stream = await spec_cluster.generate(make_prompts((30,))[0], SamplingParams(max_tokens=400), ignore_eos=True)
+        got = 0
+        async for chunk in stream:
+            got += len(chunk.token_ids)
+            if got >= 5:
+                stream.abort()
+        return await stream.result()
+
+    out = asyncio.run(main())
+    assert out.finish_reason == "abort" and 5 <= len(out.token_ids) < 400
+    assert spec_cluster.wait_idle(30)
+    assert spec_cluster.kv_free_tokens() == before
+
+
+def test_stop_strings_and_text(spec_cluster, target_model):
+    prompt = make_prompts((12,))[0]
+    full = list(spec_cluster.generate_sync(prompt, SamplingParams(max_tokens=30), ignore_eos=True))[-1]
+    assert full.text == spec_cluster.tokenizer.decode(full.token_ids, skip_special_tokens=True)
+    cut = full.text[len(full.text) // 2:][:3]
+    if not cut.strip():
+        pytest.skip("generated text has no usable stop string")
+    out = list(spec_cluster.generate_sync(prompt, SamplingParams(max_tokens=30), stop=[cut], ignore_eos=True))[-1]
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[: full.text.index(cut)]
+    assert out.token_ids == full.token_ids[: len(out.token_ids)]
+
+
+def test_bad_input_and_overload(spec_cluster):
+    with pytest.raises(ValueError, match="empty"):
+        list(spec_cluster.generate_sync([], SamplingParams()))
+    with pytest.raises(ValueError, match="vocabulary"):
+        list(spec_cluster.generate_sync([VOCAB + 5], SamplingParams()))
+    with pytest.raises(ValueError, match="KV tokens"):
+        list(spec_cluster.generate_sync([5, 6], SamplingParams(max_tokens=100_000)))
+    long = make_prompts((8,))[0]
+    streams = []
+    with pytest.raises(EngineOverloadedError):
+        for _ in range(200):  # the queue is bounded (max_waiting=8): it refuses, never grows
+            streams.append(spec_cluster.generate_sync(long, SamplingParams(max_tokens=60), ignore_eos=True))
+            next(streams[-1])
+    for s in streams:
+        s.close()  # aborts
+    assert spec_cluster.wait_idle(60)
+
+
+def test_killed_draft_loses_no_request(ray_local, checkpoints, target_model):
+    prompts, params = make_prompts(), [SamplingParams(max_tokens=60)] * 6
+    want = expected(target_model, prompts, params)
+    with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=3)) as cluster:
+        draft = cluster.workers.draft
+        killer = threading.Timer(0.5, lambda: ray.kill(draft, no_restart=False))
+        killer.start()
+        got = run_concurrently(cluster, prompts, params)
+        killer.join()
+        assert [o.token_ids for o in got] == want
+        deadline = time.monotonic() + 60
+        while not cluster.engine.draft_up and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cluster.engine.draft_up, "the restarted draft was not reconnected"
+        got = run_concurrently(cluster, prompts[:2], params[:2])
+        assert [o.token_ids for o in got] == want[:2]
+        assert max(o.stats["mean_accepted_length"] for o in got) > 1.0  # speculating again
+
+
+def test_killed_target_fails_clearly_then_recovers(ray_local, checkpoints, target_model):
+    prompts, params = make_prompts(), [SamplingParams(max_tokens=200)] * 6
+    with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=2)) as cluster:
+        target = cluster.workers.targets[0]
+        killer = threading.Timer(0.5, lambda: ray.kill(target, no_restart=False))
+        killer.start()
+        start = time.monotonic()
+        with pytest.raises(WorkerFailure, match="target"):
+            run_concurrently(cluster, prompts, params)
+        killer.join()
+        assert time.monotonic() - start < 30
+        short = [SamplingParams(max_tokens=10)] * 2
+        got = run_concurrently(cluster, prompts[:2], short)
+        assert [o.token_ids for o in got] == expected(target_model, prompts[:2], short)
+
+
+# ----------------------------------------------------------------- sampling through the cluster
+SMALL_VOCAB = 6
+PROMPT = [1, 4, 2, 5]
+NUM_SAMPLES = 3000
+
+
+def test_sampling_is_lossless_through_the_cluster(ray_local, tmp_path_factory):
+    from tests.test_spec_lossless_sampling import chi_square_pvalue, exact_joint, noise_tv, total_variation
+
+    root = tmp_path_factory.mktemp("v6")
+    target = write_tiny_checkpoint(root / "t", arch="llama", vocab_size=SMALL_VOCAB, num_layers=3,
+                                   with_tokenizer=False)
+    params = SamplingParams(temperature=1.0, max_tokens=3)
+    probs = exact_joint(load_model(target), params)
+    fields = {"draft": "self:1", "num_draft_tokens": 2, "overlap": True, "adaptive": False,
+              "max_running": 256, "max_waiting": NUM_SAMPLES, "kv_budget_tokens": 256 * 32}
+    with Cluster.start(config(str(target), **fields)) as cluster:
+        samples = [SamplingParams(temperature=1.0, max_tokens=3, seed=50_000 + i) for i in range(NUM_SAMPLES)]
+        outs = run_concurrently(cluster, [PROMPT] * NUM_SAMPLES, samples)
+    codes = [(o.token_ids[0] * SMALL_VOCAB + o.token_ids[1]) * SMALL_VOCAB + o.token_ids[2] for o in outs]
+    counts = np.bincount(codes, minlength=SMALL_VOCAB**3)
+    assert chi_square_pvalue(counts, probs) > 1e-3
+    assert total_variation(counts, probs) < 1.4 * noise_tv(probs, NUM_SAMPLES)
+    accepted = [n for o in outs for n in o.stats["accepted_lengths"]]
+    assert 1 < np.mean(accepted) < 3  # drafts were accepted sometimes and rejected sometimes

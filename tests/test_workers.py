@@ -1,0 +1,48 @@
+"""The worker classes without Ray: the wire format of proposals and tokens, and a target worker
+decoding alone (no transport) exactly like the reference loop."""
+
+import torch
+
+from actors.spec.reference import generate as reference_generate
+from actors.spec.types import Proposal, SamplingParams
+from actors.transport import pack_proposals, pack_tokens, unpack_proposals, unpack_tokens
+from tests.tiny_models import write_tiny_checkpoint
+
+VOCAB = 320
+
+
+def test_proposal_and_token_messages_round_trip():
+    """Mixed lengths, empty proposals, with and without draft probabilities."""
+    q = torch.softmax(torch.randn(3, VOCAB), dim=-1)
+    sent = {4: Proposal.chain([5, 6, 7], q), 9: Proposal.empty(), 2: Proposal(torch.tensor([8, 9]), (-1, -1))}
+    got = unpack_proposals(pack_proposals(list(sent), list(sent.values())))
+    assert list(got) == list(sent)
+    for req_id, proposal in sent.items():
+        assert got[req_id].token_ids.tolist() == proposal.token_ids.tolist()
+        assert got[req_id].parents == proposal.parents
+        assert (got[req_id].draft_probs is None) == (proposal.draft_probs is None)
+    assert torch.equal(got[4].draft_probs, q)
+    assert unpack_tokens(pack_tokens({3: [1, 2], 7: [], 1: [9]})) == {3: [1, 2], 7: [], 1: [9]}
+
+
+def test_target_worker_decodes_alone_like_the_reference(tmp_path):
+    from actors.model.loader import load_model
+    from actors.target_worker import TargetWorker
+
+    path = str(write_tiny_checkpoint(tmp_path / "t", num_layers=2, with_tokenizer=False))
+    worker = TargetWorker(path, kv_budget_tokens=256, device="cpu")
+    free = worker.kv_free_tokens()
+    prompts = {5: [7, 8, 9, 10, 11], 6: [12, 13]}
+    params = SamplingParams(max_tokens=8)
+    out = worker.step(0, [(r, p, params) for r, p in prompts.items()], [], [], [])["results"]
+    tokens = {r: list(out[r]["token_ids"]) for r in prompts}
+    for step in range(1, 8):
+        out = worker.step(step, [], list(prompts), [], [])["results"]
+        for r in prompts:
+            assert out[r]["num_proposed"] == 0
+            tokens[r] += out[r]["token_ids"]
+    want = reference_generate(load_model(path), list(prompts.values()), params)
+    assert [tokens[r] for r in prompts] == [w.token_ids for w in want]
+    assert worker.kv_free_tokens() < free
+    worker.step(8, [], [], [], [5, 6])  # frees ride on the step
+    assert worker.kv_free_tokens() == free and worker.num_requests() == 0
