@@ -1,0 +1,355 @@
+"""Goodput-adaptive speculation: acceptance estimator, step-cost model, policy (pure Python, no Ray)."""
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from cluster.speculation_policy import (
+    AcceptanceEstimator,
+    FixedPolicy,
+    GoodputPolicy,
+    SpecDecision,
+    StepCostModel,
+    expected_tokens,
+)
+
+
+def simulate_chain(rng, rates, k) -> int:
+    """Accepted count of a chain of k drafts under conditional per-position rates."""
+    for j in range(k):
+        if rng.random() >= rates[j]:
+            return j
+    return k
+
+
+def flat_verify_table(max_tokens=4096, seconds=0.02):
+    """Verify time flat in B * n (memory-bound); drafting cheap."""
+    verify = [[b, n, seconds] for b in (1, 2, 4, 8, 16, 32, 64) for n in range(1, 10) if b * n <= max_tokens]
+    return {"verify": verify, "draft": [[b, seconds / 20] for b in (1, 8, 64)]}
+
+
+def linear_verify_table(per_token=0.001, fixed=0.001):
+    """Verify time linear in B * n (compute-bound): t = fixed + per_token * B * n."""
+    verify = [[b, n, fixed + per_token * b * n] for b in (1, 4, 16, 64, 256) for n in (1, 2, 4, 8, 9)]
+    return {"verify": verify, "draft": [[b, 0.0005] for b in (1, 16, 256)]}
+
+
+# --------------------------------------------------------------------------- estimator
+
+
+def test_estimator_converges_to_known_per_position_rates():
+    true = [0.9, 0.7, 0.5, 0.3, 0.8]
+    est = AcceptanceEstimator(5, prior=0.5, decay=0.99, global_decay=1.0)
+    rng = np.random.default_rng(0)
+    for step in range(20000):
+        req = step % 4
+        est.observe(req, 5, simulate_chain(rng, true, 5))
+    assert est.global_rates() == pytest.approx(true, abs=0.03)
+    # per-request window is short (decay 0.99 ≈ 100 trials) but unbiased on average
+    per_req = np.mean([est.rates(r) for r in range(4)], axis=0)
+    assert per_req == pytest.approx(true, abs=0.08)
+
+
+def test_untested_positions_are_not_counted():
+    # positions after the first rejection were never tested: (4 proposed, 0 accepted) carries the
+    # same information as (1, 0), and (4, 2) the same as (3, 2)
+    a, b = AcceptanceEstimator(4, prior=0.6), AcceptanceEstimator(4, prior=0.6)
+    for _ in range(50):
+        a.observe("r", 4, 0)
+        b.observe("r", 1, 0)
+        a.observe("s", 4, 2)
+        b.observe("s", 3, 2)
+    assert a.global_rates() == pytest.approx(b.global_rates())
+    assert a.rates("r") == pytest.approx(b.rates("r")) and a.rates("s") == pytest.approx(b.rates("s"))
+    assert a.trials("r")[1:] == [0.0, 0.0, 0.0] and a.trials("s")[3] == 0.0
+    # a fully accepted chain tests every position it proposed, and only those
+    c = AcceptanceEstimator(4, prior=0.6, global_decay=1.0)
+    for _ in range(500):
+        c.observe("t", 2, 2)
+    assert c.trials("t")[2:] == [0.0, 0.0]
+    assert c.global_rates()[:2] == pytest.approx([1.0, 1.0], abs=0.02)
+
+
+def test_untested_deep_positions_follow_shallower_estimates():
+    est = AcceptanceEstimator(6, prior=0.5, global_decay=1.0)
+    for _ in range(2000):
+        est.observe(0, 2, 2)  # only positions 0 and 1 are ever tested, always accepted
+    g = est.global_rates()
+    assert g[0] > 0.99 and g[5] > 0.99  # not stuck at the prior 0.5
+    shaped = AcceptanceEstimator(3, prior=[0.8, 0.4, 0.4], global_decay=1.0)
+    assert shaped.global_rates() == pytest.approx([0.8, 0.4, 0.4])
+
+
+def test_new_request_starts_at_global_and_shrinks_toward_it():
+    est = AcceptanceEstimator(3, prior=0.5, decay=1.0, global_decay=1.0, request_strength=4.0)
+    for i in range(400):
+        est.observe(f"warm{i % 8}", 3, 3)
+    g = est.global_rates()
+    assert est.rates("new") == pytest.approx(g)
+    est.observe("bad", 3, 0)
+    one = est.rates("bad")[0]
+    assert 0.5 < one < g[0]  # one rejection moves it only part-way
+    for _ in range(200):
+        est.observe("bad", 3, 0)
+    assert est.rates("bad")[0] < 0.05
+    est.forget("bad")
+    assert "bad" not in est and est.rates("bad") == pytest.approx(est.global_rates())
+
+
+def test_estimator_tracks_a_change_with_decay():
+    est = AcceptanceEstimator(2, prior=0.5, decay=0.9, global_decay=0.99)
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        est.observe(0, 2, simulate_chain(rng, [0.9, 0.9], 2))
+    for _ in range(300):
+        est.observe(0, 2, simulate_chain(rng, [0.2, 0.9], 2))
+    assert est.global_rates()[0] == pytest.approx(0.2, abs=0.1)
+
+
+def test_estimator_validates():
+    with pytest.raises(ValueError):
+        AcceptanceEstimator(0)
+    with pytest.raises(ValueError):
+        AcceptanceEstimator(3, prior=1.5)
+    est = AcceptanceEstimator(3)
+    with pytest.raises(ValueError):
+        est.observe(0, 2, 3)
+    est.observe(0, 0, 0)  # nothing proposed: nothing tested
+    assert 0 not in est
+    est.observe(0, 10, 10)  # deeper than max_depth: clipped
+    assert est.trials(0) == [1.0, 1.0, 1.0]
+
+
+def test_expected_tokens():
+    assert expected_tokens([0.5, 0.5], 0) == 1.0
+    assert expected_tokens([0.5, 0.5, 0.5], 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+def test_cost_model_interpolates_a_table_in_log_space():
+    table = {"verify": [[1, 1, 0.010], [1, 4, 0.012], [16, 4, 0.040], [64, 4, 0.160]], "draft": [[1, 0.002], [64, 0.004]]}
+    costs = StepCostModel.from_table(table)
+    assert costs.verify_time(1, 1) == pytest.approx(0.010)
+    assert costs.verify_time(16, 4) == pytest.approx(0.040)
+    assert costs.verify_time(4, 1) == pytest.approx(0.012)  # same T = 4 as (1, 4)
+    mid = costs.verify_time(32, 4)  # T = 128, halfway between 64 and 256 in log2
+    assert mid == pytest.approx(math.sqrt(0.040 * 0.160), rel=1e-6)
+    assert costs.draft_time(8, 3) == pytest.approx(3 * 0.002 * 2 ** 0.5, rel=1e-6)
+    assert costs.draft_time(8, 0) == 0.0
+    # beyond the table: positive, non-decreasing
+    values = [costs.verify_time(b, n) for b in (1, 64, 512, 4096, 2 ** 20) for n in (1, 9)]
+    assert all(v > 0 for v in values)
+    assert costs.verify_time(4096, 9) >= costs.verify_time(64, 4)
+
+
+def test_cost_model_from_json_file_and_validation(tmp_path):
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps({"verify": [[8, 2, 0.03]]}))
+    costs = StepCostModel.from_table(path)
+    assert costs.verify_time(8, 2) == pytest.approx(0.03)  # one point: the prior's shape through it
+    assert costs.verify_time(1, 1) > 0 and costs.verify_time(1, 1) <= 0.03
+    for bad in ({"verify": [[0, 1, 0.1]]}, {"verify": [[1, 1, -1.0]]}, {"verify": [[1, 1]]}, {"other": []}):
+        with pytest.raises(ValueError):
+            StepCostModel.from_table(bad)
+
+
+def test_cost_model_never_predicts_nonpositive_and_stays_monotone():
+    costs = StepCostModel()
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        b, n = int(rng.integers(1, 300)), int(rng.integers(1, 10))
+        costs.observe_verify(b, n, float(rng.uniform(1e-4, 0.2)))
+        costs.observe_draft(b, n, float(rng.uniform(1e-4, 0.05)))
+    costs.observe_verify(4, 2, 0.0)  # ignored
+    costs.observe_verify(4, 2, float("nan"))  # ignored
+    grid = [costs.verify_time_for_tokens(t) for t in np.geomspace(1, 2 ** 22, 80)]
+    assert all(v > 0 for v in grid)
+    assert all(b >= a * (1 - 1e-12) for a, b in itertools.pairwise(grid))
+    assert all(costs.draft_time(b, 1) > 0 for b in (1, 7, 1000))
+
+
+def test_cost_model_learns_online_from_a_wrong_prior():
+    true = lambda b, n: 0.005 + 0.0002 * b * n
+    costs = StepCostModel(fixed_s=0.1, knee_tokens=10_000)
+    rng = np.random.default_rng(3)
+    for _ in range(400):
+        b, n = int(rng.choice([1, 4, 16, 64, 128])), int(rng.integers(1, 6))
+        costs.observe_verify(b, n, true(b, n) * float(rng.uniform(0.95, 1.05)))
+        costs.observe_draft(b, n, n * 0.001)
+    for b, n in ((1, 1), (16, 3), (128, 5)):
+        assert costs.verify_time(b, n) == pytest.approx(true(b, n), rel=0.15)
+    assert costs.draft_time(16, 4) == pytest.approx(0.004, rel=0.05)
+    assert costs.num_observations["verify"] == 400
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def trained_estimator(rates, depth=8, n=2000):
+    est = AcceptanceEstimator(depth, prior=0.5, global_decay=1.0)
+    rng = np.random.default_rng(4)
+    for i in range(n):
+        est.observe(i % 16, depth, simulate_chain(rng, rates, depth))
+    return est
+
+
+def test_policy_picks_large_k_when_verify_is_flat_and_acceptance_high():
+    est = trained_estimator([0.95] * 8)
+    policy = GoodputPolicy(est, StepCostModel.from_table(flat_verify_table()), max_draft_tokens=8)
+    decision = policy.choose(range(4))
+    assert decision.k >= 6
+    assert all(v == decision.k for v in decision.per_request.values())
+    assert decision.reason_code == "goodput" and f"k={decision.k}" in decision.reason
+
+
+def test_policy_picks_zero_when_verify_is_linear_in_tokens_at_large_batch():
+    est = trained_estimator([0.7] * 8)
+    costs = StepCostModel.from_table(linear_verify_table())
+    policy = GoodputPolicy(est, costs, max_draft_tokens=8)
+    big = policy.choose(range(256))
+    assert big.k == 0 and big.draft_levels == 0
+    assert "k=0" in big.reason
+    # ... while at batch 1 the fixed cost dominates and speculation pays
+    small = GoodputPolicy(est, costs, max_draft_tokens=8).choose([0])
+    assert small.k > 0
+
+
+def test_policy_picks_zero_when_acceptance_is_near_zero():
+    est = trained_estimator([0.01] * 8)
+    policy = GoodputPolicy(est, StepCostModel.from_table(flat_verify_table()), max_draft_tokens=8)
+    assert policy.choose(range(4)).k == 0
+
+
+def test_decision_exposes_its_inputs():
+    est = trained_estimator([0.8] * 8)
+    costs = StepCostModel.from_table(flat_verify_table())
+    decision = GoodputPolicy(est, costs, max_draft_tokens=5, min_draft_tokens=1).choose(["a", "b", "c"])
+    assert isinstance(decision, SpecDecision)
+    assert decision.batch_size == 3
+    assert [c.k for c in decision.candidates] == [1, 2, 3, 4, 5]
+    for c in decision.candidates:
+        assert c.goodput == pytest.approx(c.expected_tokens / c.step_s)
+        assert c.step_s == pytest.approx(c.draft_s + c.verify_s)
+        rates = est.rates("a")
+        assert c.expected_tokens == pytest.approx(3 * expected_tokens(rates, c.k), rel=0.05)
+    assert decision.chosen.goodput == max(c.goodput for c in decision.candidates)
+    d = decision.as_dict()
+    assert d["goodput"] == decision.goodput and len(d["candidates"]) == 5 and "reason" in d
+    json.dumps(d)
+
+
+def test_per_request_refinement_gives_fewer_tokens_to_poor_requests():
+    est = AcceptanceEstimator(6, prior=0.9, decay=1.0, global_decay=1.0, request_strength=1.0)
+    for _ in range(200):
+        est.observe("good", 6, 6)
+        est.observe("poor", 6, 0)
+    # moderately sloped verify cost: extra tokens are cheap, not free
+    costs = StepCostModel.from_table({"verify": [[1, 1, 0.02], [64, 1, 0.03], [1024, 1, 0.25]],
+                                      "draft": [[1, 0.001]]})
+    decision = GoodputPolicy(est, costs, max_draft_tokens=6).choose(["good", "poor"] + [f"g{i}" for i in range(30)])
+    assert decision.k_for("good") == decision.k > 0
+    assert decision.k_for("poor") < decision.k
+    off = GoodputPolicy(est, costs, max_draft_tokens=6, refine=False).choose(["good", "poor"])
+    assert off.k_for("poor") == off.k
+
+
+def test_caps_limit_requests_and_zero_caps_mean_no_drafting():
+    est = trained_estimator([0.95] * 8)
+    policy = GoodputPolicy(est, StepCostModel.from_table(flat_verify_table()), max_draft_tokens=8)
+    decision = policy.choose([1, 2, 3], caps={2: 1, 3: 0})
+    assert decision.k_for(2) <= 1 and decision.k_for(3) == 0 and decision.k_for(1) == decision.k
+    none = policy.choose([1, 2], caps={1: 0, 2: 0})
+    assert none.k == 0 and none.reason_code == "capped"
+    empty = policy.choose([])
+    assert empty.k == 0 and empty.batch_size == 0 and empty.reason_code == "empty"
+
+
+def test_overlap_model_hides_draft_time_but_charges_misses():
+    est = trained_estimator([0.99] * 8)
+    table = {"verify": [[1, n, 0.02] for n in range(1, 10)], "draft": [[1, 0.004]]}
+    costs = StepCostModel.from_table(table)
+    turns = GoodputPolicy(est, costs, 4, overlap=False, refine=False).choose([0])
+    over = GoodputPolicy(est, costs, 4, overlap=True, refine=False).choose([0])
+    c_turns = next(c for c in turns.candidates if c.k == 4)
+    c_over = next(c for c in over.candidates if c.k == 4)
+    assert c_turns.step_s == pytest.approx(0.02 + 4 * 0.004)
+    assert 0.02 <= c_over.step_s < c_turns.step_s  # max(draft, verify) + a small miss penalty
+    assert over.overlap and over.goodput > turns.goodput
+    bad = trained_estimator([0.2] * 8)
+    c_bad = next(c for c in GoodputPolicy(bad, costs, 4, overlap=True, refine=False).choose([0]).candidates if c.k == 4)
+    assert c_bad.step_s > 0.02 + 0.9 * 4 * 0.004  # almost always a miss: the redraft is paid
+
+
+def test_hysteresis_keeps_previous_k_when_nearly_as_good():
+    est = trained_estimator([0.9] * 8)
+    policy = GoodputPolicy(est, StepCostModel.from_table(flat_verify_table()), 8, hysteresis=0.5)
+    first = policy.choose(range(4))
+    policy._last_k = first.k - 1
+    second = policy.choose(range(4))
+    assert second.k == first.k - 1 and "kept" in second.reason
+
+
+def test_fixed_policy_same_interface():
+    est = trained_estimator([0.8] * 8)
+    costs = StepCostModel.from_table(flat_verify_table())
+    plain = FixedPolicy(4).choose(["x", "y"], caps={"y": 2})
+    assert plain.k == 4 and plain.per_request == {"x": 4, "y": 2} and plain.reason_code == "fixed"
+    assert plain.chosen is None and plain.goodput == 0.0
+    predicted = FixedPolicy(4, est, costs).choose(["x"])
+    assert predicted.goodput > 0 and "predicted goodput" in predicted.reason
+    assert FixedPolicy(0).choose([1]).per_request == {1: 0}
+
+
+def test_policy_validates():
+    est = AcceptanceEstimator(4)
+    with pytest.raises(ValueError):
+        GoodputPolicy(est, StepCostModel(), max_draft_tokens=5)
+    with pytest.raises(ValueError):
+        GoodputPolicy(est, StepCostModel(), max_draft_tokens=2, min_draft_tokens=3)
+
+
+def true_goodput(batch, k, alpha, verify, draft_per_token):
+    return batch * expected_tokens([alpha] * k, k) / (k * draft_per_token + verify(batch * (k + 1)))
+
+
+def run_closed_loop(policy, est, costs, batch, alpha, verify, draft_per_token, steps, seed=5):
+    """The engine's loop against a simulated system; returns the k chosen in the last 20 steps."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for _ in range(steps):
+        decision = policy.choose(range(batch))
+        for r, k in decision.per_request.items():
+            est.observe(r, k, simulate_chain(rng, [alpha] * k, k))
+        n = 1 + sum(decision.per_request.values()) / batch
+        costs.observe_verify(batch, n, verify(batch * n) * float(rng.uniform(0.97, 1.03)))
+        if decision.draft_levels:
+            costs.observe_draft(batch, decision.draft_levels, decision.draft_levels * draft_per_token)
+        if decision.reason_code != "explore":
+            chosen.append(decision.k)
+    return chosen[-20:]
+
+
+@pytest.mark.parametrize("case", ["compute_bound_large_batch", "memory_bound_small_batch"])
+def test_closed_loop_recovers_from_a_wrong_prior(case):
+    alpha, draft_per_token = 0.8, 0.001
+    if case == "compute_bound_large_batch":  # prior says verification is free; it is not
+        batch, verify = 64, lambda t: 0.002 + 0.0004 * t
+        costs = StepCostModel(fixed_s=0.02, knee_tokens=1e6)
+    else:  # prior says every token costs; in truth verification is flat
+        batch, verify = 4, lambda t: 0.02 + 1e-6 * t
+        costs = StepCostModel(fixed_s=0.02, knee_tokens=1.0)
+    est = AcceptanceEstimator(8, prior=0.5)
+    policy = GoodputPolicy(est, costs, max_draft_tokens=8, explore_every=10)
+    last = run_closed_loop(policy, est, costs, batch, alpha, verify, draft_per_token, steps=250)
+    best = max(true_goodput(batch, k, alpha, verify, draft_per_token) for k in range(9))
+    achieved = np.mean([true_goodput(batch, k, alpha, verify, draft_per_token) for k in last])
+    assert achieved >= 0.9 * best, (case, last)
+    if case == "compute_bound_large_batch":
+        assert max(last) <= 1
+    else:
+        assert min(last) >= 3
