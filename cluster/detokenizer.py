@@ -82,12 +82,12 @@ def validate_stop_strings(stop: Any) -> tuple[str, ...]:
             raise ValueError("stop must not be an empty string")
         return (stop,)
     if not isinstance(stop, (list, tuple)):
-        raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+        raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")  # noqa: TRY004 (request validation: one error type)
     if len(stop) > MAX_STOP_STRINGS:
         raise ValueError(f"stop accepts at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
     for i, s in enumerate(stop):
         if not isinstance(s, str):
-            raise ValueError(f"stop[{i}] must be a string, got {type(s).__name__}")
+            raise ValueError(f"stop[{i}] must be a string, got {type(s).__name__}")  # noqa: TRY004
         if not s:
             raise ValueError(f"stop[{i}] must not be an empty string")
     return tuple(dict.fromkeys(stop))
