@@ -127,7 +127,7 @@ class Cluster:
         try:
             workers.start()
             engine = Engine(config, workers, tokenizer=tokenizer, policy=build_policy(config),
-                            metrics=EngineMetrics())
+                            metrics=EngineMetrics(max_draft_tokens=max(config.num_draft_tokens, 1)))
         except BaseException:
             workers.shutdown()
             if owns_ray:

@@ -249,6 +249,8 @@ class Engine:
             if ref in target_refs:
                 check(ref, TARGET, f"step {self._step_id}")
             else:
+                if ref not in self._draft_pending:
+                    continue  # from before the draft was declared lost
                 self._draft_pending.remove(ref)
                 try:
                     check(ref, DRAFT, f"step {self._step_id}")
@@ -351,7 +353,7 @@ class Engine:
         if running and not admitted:
             tokens = sum(1 + p for p in proposed) / len(running)
             self.policy.observe_costs(len(running), tokens, out.get("forward_s"), None)
-        self.metrics.on_step(decision, elapsed, out.get("forward_s"), proposed, accepted)
+        self.metrics.on_step(decision, verify_s=out.get("forward_s"), outcomes=list(zip(proposed, accepted)))
 
     # ----------------------------------------------------------------- faults
     def _draft_lost(self, failure: WorkerFailure) -> None:
@@ -432,6 +434,9 @@ class Engine:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context}")
         if params.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        if len(prompt_ids) + params.max_tokens > self.max_context:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"model's context of {self.max_context} tokens")
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and the target checkpoint has none")
 

@@ -27,7 +27,8 @@ spec_expected_goodput_tokens_per_second        gauge      the chosen k's predict
 spec_predicted_step_seconds                    gauge      ... and predicted step time
 spec_expected_tokens_per_step                  gauge      ... and expected tokens per step
 spec_decision_info{k, reason_code, overlap}    info       the last decision (full reason: ``snapshot()``)
-verify_step_seconds, draft_step_seconds        histogram  measured step times
+verify_step_seconds, draft_step_seconds        histogram  measured step times (draft: drafting + speculation)
+overlap_speculations_total{outcome}            counter    overlap: pre-drafted chains used (hit) or dropped (miss)
 draft_worker_up                                gauge      1 while the draft worker serves, else 0
 engine_steps_total                             counter    engine steps
 =============================================  =========  ==============================================
@@ -119,6 +120,10 @@ class EngineMetrics:
                                      buckets=_STEP_BUCKETS, registry=r)
         self.draft_step = Histogram("outrider_draft_step_seconds", "Measured draft step time (all levels).",
                                     buckets=_STEP_BUCKETS, registry=r)
+        self.overlap_speculations = Counter(
+            "outrider_overlap_speculations_total",
+            "Overlap: chains pre-drafted during verification that were used (hit) or dropped (miss).",
+            ["outcome"], registry=self.registry)
         self.draft_up = Gauge("outrider_draft_worker_up", "1 while the draft worker serves, else 0.", registry=r)
         self.steps = Counter("outrider_engine_steps_total", "Engine steps.", registry=r)
 
@@ -153,6 +158,13 @@ class EngineMetrics:
 
     def set_draft_up(self, up: bool) -> None:
         self.draft_up.set(1.0 if up else 0.0)
+
+    def on_draft_step(self, stats: dict) -> None:
+        """One draft worker step: its reply (``propose_s``, ``speculate_s``, ``hits``, ``misses``)."""
+        self.draft_step.observe(max(0.0, stats.get("propose_s", 0.0) + stats.get("speculate_s", 0.0)))
+        for key, outcome in (("hits", "hit"), ("misses", "miss")):
+            if stats.get(key):
+                self.overlap_speculations.labels(outcome=outcome).inc(stats[key])
 
     def on_step(self, decision=None, *, verify_s: float | None = None, draft_s: float | None = None,
                 outcomes: Iterable[tuple[int, int]] = ()) -> None:

@@ -149,13 +149,15 @@ def test_abort_mid_stream_frees_kv_on_both_workers(spec_cluster):
 def test_stop_strings_and_text(spec_cluster, target_model):
     prompt = make_prompts((12,))[0]
     full = list(spec_cluster.generate_sync(prompt, SamplingParams(max_tokens=30), ignore_eos=True))[-1]
-    assert full.text == spec_cluster.tokenizer.decode(full.token_ids, skip_special_tokens=True)
+    decoded = spec_cluster.tokenizer.decode(full.token_ids, skip_special_tokens=True)
+    if "\ufffd" not in decoded:  # a random tiny model emits invalid UTF-8 byte runs at times
+        assert full.text == decoded
     cut = full.text[len(full.text) // 2:][:3]
     if not cut.strip():
         pytest.skip("generated text has no usable stop string")
     out = list(spec_cluster.generate_sync(prompt, SamplingParams(max_tokens=30), stop=[cut], ignore_eos=True))[-1]
     assert out.finish_reason == "stop"
-    assert out.text == full.text[: full.text.index(cut)]
+    assert out.text == full.text[: full.text.index(cut)] and cut not in out.text
     assert out.token_ids == full.token_ids[: len(out.token_ids)]
 
 
@@ -164,23 +166,29 @@ def test_bad_input_and_overload(spec_cluster):
         list(spec_cluster.generate_sync([], SamplingParams()))
     with pytest.raises(ValueError, match="vocabulary"):
         list(spec_cluster.generate_sync([VOCAB + 5], SamplingParams()))
-    with pytest.raises(ValueError, match="KV tokens"):
+    with pytest.raises(ValueError, match="context"):
         list(spec_cluster.generate_sync([5, 6], SamplingParams(max_tokens=100_000)))
     long = make_prompts((8,))[0]
-    streams = []
-    with pytest.raises(EngineOverloadedError):
-        for _ in range(200):  # the queue is bounded (max_waiting=8): it refuses, never grows
-            streams.append(spec_cluster.generate_sync(long, SamplingParams(max_tokens=60), ignore_eos=True))
-            next(streams[-1])
-    for s in streams:
-        s.close()  # aborts
+
+    async def flood():
+        streams = []
+        try:
+            for _ in range(500):  # the queue is bounded (max_waiting=8): it refuses, never grows
+                streams.append(await spec_cluster.generate(long, SamplingParams(max_tokens=60), ignore_eos=True))
+        finally:
+            for s in streams:
+                s.abort()
+        return streams
+
+    with pytest.raises(EngineOverloadedError, match="retry"):
+        asyncio.run(flood())
     assert spec_cluster.wait_idle(60)
 
 
 def test_killed_draft_loses_no_request(ray_local, checkpoints, target_model):
     prompts, params = make_prompts(), [SamplingParams(max_tokens=60)] * 6
     want = expected(target_model, prompts, params)
-    with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=3)) as cluster:
+    with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=3, adaptive=False)) as cluster:
         draft = cluster.workers.draft
         killer = threading.Timer(0.5, lambda: ray.kill(draft, no_restart=False))
         killer.start()
