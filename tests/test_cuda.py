@@ -50,26 +50,30 @@ def test_cuda_seeded_sampling_reproduces(path):
     assert runs[0] == runs[1]
 
 
-def test_distributed_engine_colocated_on_one_real_gpu(path):
-    """Draft and target actors sharing one real GPU (gloo transport), against the reference."""
+@pytest.mark.parametrize("overlap", [False, True])
+def test_cluster_colocated_on_one_real_gpu(path, overlap):
+    """Draft and target actors sharing one real GPU (gloo link), against the reference."""
+    import asyncio
     import os
 
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from cluster.engine import DistributedEngine
+    from cluster.cluster import Cluster
+    from cluster.config import ClusterConfig
 
     params = SamplingParams(max_tokens=20)
     reference = generate(load_model(path, dtype=torch.float32, device="cuda"), PROMPTS, params)
-    ray.init(address="local", num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False)
-    try:
-        engine = DistributedEngine.start(str(path), "self:2", 3, target_gpus=0.5, draft_gpus=0.5, colocate=True,
-                                         dtype=torch.float32, kv_budget_tokens=2048, step_timeout_s=60)
-        try:
-            for role, worker in engine.workers.items():
-                assert ray.get(worker.info.remote())["device"].startswith("cuda"), role
-            results = engine.generate(PROMPTS, params)
-        finally:
-            engine.shutdown()
-    finally:
-        ray.shutdown()
+    config = ClusterConfig(target=str(path), draft="self:2", num_draft_tokens=3, colocate=True, draft_gpus=0,
+                           overlap=overlap, dtype="float32", kv_budget_tokens=2048, step_timeout_s=60,
+                           cpus_per_worker=0)
+
+    async def run(cluster):
+        streams = [await cluster.generate(p, params, ignore_eos=True) for p in PROMPTS]
+        return [await s.result() for s in streams]
+
+    with Cluster.start(config) as cluster:
+        assert cluster.workers.info.target_device.startswith("cuda")
+        assert cluster.workers.info.draft_device.startswith("cuda")
+        results = asyncio.run(run(cluster))
+    assert not ray.is_initialized()
     assert [r.token_ids for r in results] == [r.token_ids for r in reference]
