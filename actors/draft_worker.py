@@ -40,7 +40,7 @@ import torch
 from actors.spec.proposers import DraftModelProposer, ProposeRequest, TreeShape, parse_draft_spec
 from actors.spec.types import Proposal, SamplingParams
 from actors.target_worker import DRAFT_RANK, TARGET_RANK
-from actors.transport import Transport, pack_proposals, pick_device, unpack_tokens
+from actors.transport import Transport, assigned_gpu_ids, pack_proposals, pick_device, unpack_tokens
 
 
 def load_draft_model(draft_spec: str, target_path: str, *, dtype: torch.dtype | None, device: torch.device):
@@ -113,7 +113,8 @@ class DraftWorker:
         self._token_msgs = 0  # tokens messages received on the current link
 
     def info(self) -> dict:
-        return {"ready": True, "device": str(self.device), "kv_capacity_tokens": self.proposer.cache.capacity_tokens}
+        return {"ready": True, "device": str(self.device), "gpu_ids": assigned_gpu_ids(),
+                "kv_capacity_tokens": self.proposer.cache.capacity_tokens}
 
     def init_transport(self, addr: str, port: int, backend: str | None = None, timeout_s: float = 60.0) -> str:
         """Join a new draft link as rank 1; requests of an earlier link are forgotten."""

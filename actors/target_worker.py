@@ -39,6 +39,7 @@ from actors.step_batch import SeqStep, StepBatch
 from actors.transport import (
     PeerLostError,
     Transport,
+    assigned_gpu_ids,
     free_port,
     node_address,
     pack_proposals,
@@ -91,10 +92,10 @@ class TargetWorker:
     # ----------------------------------------------------------------- set-up
     def info(self) -> dict:
         if self.model is None:
-            return {"ready": False, "device": str(self.device), "tp_rank": self.tp_rank}
+            return {"ready": False, "device": str(self.device), "tp_rank": self.tp_rank, "gpu_ids": assigned_gpu_ids()}
         cfg = self.model.config
         return {"ready": True, "vocab_size": cfg.vocab_size, "max_context": cfg.max_context,
-                "device": str(self.device), "tp_rank": self.tp_rank,
+                "device": str(self.device), "tp_rank": self.tp_rank, "gpu_ids": assigned_gpu_ids(),
                 "kv_capacity_tokens": self.cache.capacity_tokens}
 
     def transport_address(self) -> tuple[str, int]:

@@ -84,6 +84,16 @@ def free_port(addr: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def assigned_gpu_ids() -> list[str]:
+    """The GPU ids Ray gave this process (fake ones on a CPU machine); [] outside Ray."""
+    try:
+        import ray
+
+        return [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+    except ImportError:
+        return []
+
+
 def pick_device() -> torch.device:
     """``cuda`` when Ray assigned this process a GPU and CUDA exists, else ``cpu`` (fake GPUs)."""
     try:

@@ -114,6 +114,17 @@ class Cluster:
             config = config.model_copy(update=fields)
             config = ClusterConfig(**config.model_dump())
         owns_ray = False
+        if not ray.is_initialized() and not config.address:
+            # a local cluster's resources are known before Ray starts: refuse an impossible plan now
+            from placement.planner import plan
+            from placement.spec import ClusterResources
+
+            gpus = config.num_gpus
+            if gpus is None:  # Ray will detect the machine's GPUs
+                import torch
+
+                gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            plan(config.placement_request(), ClusterResources.local(gpus, os.cpu_count() or 1))
         if not ray.is_initialized():
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             kwargs = {"include_dashboard": False, "log_to_driver": True}

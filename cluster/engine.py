@@ -353,7 +353,8 @@ class Engine:
         if running and not admitted:
             tokens = sum(1 + p for p in proposed) / len(running)
             self.policy.observe_costs(len(running), tokens, out.get("forward_s"), None)
-        self.metrics.on_step(decision, verify_s=out.get("forward_s"), outcomes=list(zip(proposed, accepted)))
+        self.metrics.on_step(decision, verify_s=out.get("forward_s"), outcomes=list(zip(proposed, accepted)),
+                             step_s=elapsed)
 
     # ----------------------------------------------------------------- faults
     def _draft_lost(self, failure: WorkerFailure) -> None:

@@ -28,6 +28,7 @@ spec_predicted_step_seconds                    gauge      ... and predicted step
 spec_expected_tokens_per_step                  gauge      ... and expected tokens per step
 spec_decision_info{k, reason_code, overlap}    info       the last decision (full reason: ``snapshot()``)
 verify_step_seconds, draft_step_seconds        histogram  measured step times (draft: drafting + speculation)
+engine_step_seconds                            histogram  wall time of an engine step at the control plane
 overlap_speculations_total{outcome}            counter    overlap: pre-drafted chains used (hit) or dropped (miss)
 draft_worker_up                                gauge      1 while the draft worker serves, else 0
 engine_steps_total                             counter    engine steps
@@ -120,6 +121,9 @@ class EngineMetrics:
                                      buckets=_STEP_BUCKETS, registry=r)
         self.draft_step = Histogram("outrider_draft_step_seconds", "Measured draft step time (all levels).",
                                     buckets=_STEP_BUCKETS, registry=r)
+        self.engine_step = Histogram("outrider_engine_step_seconds",
+                                     "Wall time of one engine step at the control plane (issue to reply).",
+                                     buckets=_STEP_BUCKETS, registry=r)
         self.overlap_speculations = Counter(
             "outrider_overlap_speculations_total",
             "Overlap: chains pre-drafted during verification that were used (hit) or dropped (miss).",
@@ -167,7 +171,7 @@ class EngineMetrics:
                 self.overlap_speculations.labels(outcome=outcome).inc(stats[key])
 
     def on_step(self, decision=None, *, verify_s: float | None = None, draft_s: float | None = None,
-                outcomes: Iterable[tuple[int, int]] = ()) -> None:
+                outcomes: Iterable[tuple[int, int]] = (), step_s: float | None = None) -> None:
         """One engine step.
 
         decision   the ``SpecDecision`` the step ran with (or None)
@@ -176,6 +180,8 @@ class EngineMetrics:
                    of ``num_proposed`` draft tokens were accepted ((0, 0) for a request without drafts)
         """
         self.steps.inc()
+        if step_s is not None:
+            self.engine_step.observe(max(0.0, step_s))
         if verify_s is not None:
             self.verify_step.observe(max(0.0, verify_s))
         if draft_s is not None:

@@ -122,6 +122,19 @@ def test_target_only_and_late_arrivals(ray_local, checkpoints, target_model):
         assert set(cluster.kv_free_tokens()) == {"target"}
 
 
+def test_tensor_parallel_target_with_a_draft(ray_local, checkpoints, target_model):
+    """Target over 2 (fake) GPUs, tensor-parallel over gloo, plus a draft on a third."""
+    prompts, params = make_prompts()[:4], greedy_params(4)
+    with Cluster.start(config(checkpoints[0], target_gpus=2, draft="self:2", num_draft_tokens=2,
+                              adaptive=False)) as cluster:
+        infos = ray.get([w.info.remote() for w in [*cluster.workers.targets, cluster.workers.draft]])
+        gpus = [tuple(i["gpu_ids"]) for i in infos]
+        assert len(set(gpus)) == 3 and all(len(g) == 1 for g in gpus)  # three distinct GPUs
+        got = run_concurrently(cluster, prompts, params, stagger_s=0.05)
+        assert [o.token_ids for o in got] == expected(target_model, prompts, params)
+        assert max(o.stats["mean_accepted_length"] for o in got) > 1.0
+
+
 @pytest.fixture(scope="module")
 def spec_cluster(ray_local, checkpoints):
     with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=3, max_waiting=8)) as cluster:

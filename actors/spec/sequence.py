@@ -22,14 +22,19 @@ class SpecStats:
 
     target_forward_passes: int = 0
     accepted_lengths: list[int] = field(default_factory=list)  # tokens committed per verify step
-    proposed_by_position: list[int] = field(default_factory=list)
+    proposed_by_position: list[int] = field(default_factory=list)  # times position j was *tested*
     accepted_by_position: list[int] = field(default_factory=list)
 
     def record(self, draft_depth: int, num_accepted: int) -> None:
-        """One verification step of a proposal ``draft_depth`` deep that accepted ``num_accepted``."""
+        """One verification step of a proposal ``draft_depth`` deep that accepted ``num_accepted``.
+
+        Position j counts as tested only when every earlier position was accepted (positions after
+        the first rejection were never checked), so ``acceptance_by_position`` is the conditional
+        acceptance rate — the same definition as the engine's estimator and metrics."""
         self.target_forward_passes += 1
         self.accepted_lengths.append(num_accepted + 1)
-        for counts, upto in ((self.proposed_by_position, draft_depth), (self.accepted_by_position, num_accepted)):
+        tested = min(draft_depth, num_accepted + 1)
+        for counts, upto in ((self.proposed_by_position, tested), (self.accepted_by_position, num_accepted)):
             counts.extend([0] * (upto - len(counts)))
             for j in range(upto):
                 counts[j] += 1
