@@ -177,7 +177,11 @@ class Engine:
         try:
             while not self._stopping:
                 self._apply_aborts()
-                self._maybe_reconnect_draft()
+                try:
+                    self._maybe_reconnect_draft()
+                except WorkerFailure as failure:  # the target failed while re-forming the link
+                    self._on_target_failure(failure, [])
+                    continue
                 with self._lock:
                     admitted = [self._requests[r] for r in self.scheduler.admit()]
                 running = [r for r in self._requests.values() if r.prefilled]

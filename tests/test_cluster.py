@@ -110,8 +110,12 @@ def test_greedy_equals_target_only_reference(ray_local, checkpoints, target_mode
             assert all(o.stats["mean_accepted_length"] > 3 for o in got if len(o.token_ids) > 12)
         assert cluster.wait_idle(30)
         assert cluster.kv_free_tokens() == before
-        snap = cluster.metrics_snapshot()
-        assert snap  # the engine published metrics
+        text = cluster.metrics_text().decode()
+        for name in ("outrider_requests_total", "outrider_spec_acceptance_rate", "outrider_spec_decision_info",
+                     "outrider_engine_step_seconds", "outrider_verify_step_seconds", "outrider_kv_cache_usage_ratio"):
+            assert name in text
+        decision = cluster.metrics_snapshot().get("last_decision")
+        assert decision is not None and decision["reason"]  # the decision and its inputs are exposed
 
 
 def test_target_only_and_late_arrivals(ray_local, checkpoints, target_model):
