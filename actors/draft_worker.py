@@ -32,6 +32,7 @@ per request is the reference loop's, so seeded sampling reproduces the reference
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -113,7 +114,7 @@ class DraftWorker:
         self._token_msgs = 0  # tokens messages received on the current link
 
     def info(self) -> dict:
-        return {"ready": True, "device": str(self.device), "gpu_ids": assigned_gpu_ids(),
+        return {"ready": True, "device": str(self.device), "gpu_ids": assigned_gpu_ids(), "pid": os.getpid(),
                 "kv_capacity_tokens": self.proposer.cache.capacity_tokens}
 
     def init_transport(self, addr: str, port: int, backend: str | None = None, timeout_s: float = 60.0) -> str:

@@ -28,6 +28,7 @@ order. ``free`` and ``free_ids`` are idempotent.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -92,11 +93,12 @@ class TargetWorker:
     # ----------------------------------------------------------------- set-up
     def info(self) -> dict:
         if self.model is None:
-            return {"ready": False, "device": str(self.device), "tp_rank": self.tp_rank, "gpu_ids": assigned_gpu_ids()}
+            return {"ready": False, "device": str(self.device), "tp_rank": self.tp_rank, "gpu_ids": assigned_gpu_ids(),
+                    "pid": os.getpid()}
         cfg = self.model.config
         return {"ready": True, "vocab_size": cfg.vocab_size, "max_context": cfg.max_context,
                 "device": str(self.device), "tp_rank": self.tp_rank, "gpu_ids": assigned_gpu_ids(),
-                "kv_capacity_tokens": self.cache.capacity_tokens}
+                "pid": os.getpid(), "kv_capacity_tokens": self.cache.capacity_tokens}
 
     def transport_address(self) -> tuple[str, int]:
         """(node address, free port) for a process group's TCP store; this worker hosts it."""

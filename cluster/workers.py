@@ -156,9 +156,21 @@ def check(ref: ray.ObjectRef, role: str, phase: str) -> None:
     try:
         ray.get(ref, timeout=0)
     except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:
-        raise WorkerFailure(role, "died", f"{phase}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+        raise WorkerFailure(role, "died", f"{phase}: {type(exc).__name__}: {_gist(exc)}") from exc
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
         raise WorkerFailure(role, "failed", f"{phase}: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}") from exc
     except ray.exceptions.RayError as exc:
         raise WorkerFailure(role, "died", f"{phase}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def _gist(exc: BaseException) -> str:
+    """First line of a Ray error and, when its text carries a traceback, the error it ends with."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    gist = lines[0][:300]
+    cause = next((line for line in reversed(lines) if "Error" in line.split(":")[0]), None)
+    if cause and cause != lines[0]:
+        gist += f" ... {cause[:300]}"
+    return gist

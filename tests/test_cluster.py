@@ -237,6 +237,42 @@ def test_killed_target_fails_clearly_then_recovers(ray_local, checkpoints, targe
         assert [o.token_ids for o in got] == expected(target_model, prompts[:2], short)
 
 
+def _freeze(actor) -> None:
+    """Stop (SIGSTOP) an actor's process: alive but silent, the hardest failure to notice."""
+    import signal
+
+    os.kill(ray.get(actor.info.remote())["pid"], signal.SIGSTOP)
+
+
+def test_silent_draft_does_not_hang(ray_local, checkpoints, target_model):
+    prompts, params = make_prompts()[:3], [SamplingParams(max_tokens=40)] * 3
+    want = expected(target_model, prompts, params)
+    with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=2, adaptive=False,
+                              step_timeout_s=4)) as cluster:
+        threading.Timer(0.3, _freeze, (cluster.workers.draft,)).start()
+        start = time.monotonic()
+        got = run_concurrently(cluster, prompts, params)
+        assert [o.token_ids for o in got] == want  # finished target-only after the link deadline
+        assert time.monotonic() - start < 20
+        deadline = time.monotonic() + 60
+        while not cluster.engine.draft_up and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cluster.engine.draft_up  # the frozen draft was killed and restarted
+
+
+def test_silent_target_fails_requests_then_recovers(ray_local, checkpoints, target_model):
+    prompts, params = make_prompts()[:3], [SamplingParams(max_tokens=300)] * 3
+    with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=2, step_timeout_s=4)) as cluster:
+        threading.Timer(0.3, _freeze, (cluster.workers.targets[0],)).start()
+        start = time.monotonic()
+        with pytest.raises(WorkerFailure, match="did not answer"):
+            run_concurrently(cluster, prompts, params)
+        assert time.monotonic() - start < 20
+        short = [SamplingParams(max_tokens=8)] * 2
+        got = run_concurrently(cluster, prompts[:2], short)
+        assert [o.token_ids for o in got] == expected(target_model, prompts[:2], short)
+
+
 # ----------------------------------------------------------------- sampling through the cluster
 SMALL_VOCAB = 6
 PROMPT = [1, 4, 2, 5]
