@@ -229,6 +229,10 @@ class Cluster:
         """Block until no request runs or waits and freed KV has been returned to the workers."""
         return self.engine.idle.wait(timeout_s)
 
+    def health(self) -> tuple[bool, str]:
+        """(serving, why): see ``Engine.health``."""
+        return self.engine.health()
+
     def metrics_text(self) -> bytes:
         return self.engine.metrics.render()
 

@@ -117,6 +117,8 @@ class Engine:
         self._draft_pending: list[ray.ObjectRef] = []
         self._token_msgs = 0
         self._dead: str | None = None
+        self._recovering: str | None = None
+        self._last_progress = time.monotonic()
         self._decision = None
         self._stopping = False
         self.idle = threading.Event()  # set while nothing runs or waits (tests, graceful drain)
@@ -159,6 +161,20 @@ class Engine:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=self.config.step_timeout_s)
 
+    def health(self) -> tuple[bool, str]:
+        """(serving, why): False when the engine is dead, recovering, or has made no progress with
+        work in hand for longer than a step may take."""
+        if self._dead is not None:
+            return False, f"dead: {self._dead}"
+        if not self._thread.is_alive():
+            return False, "the engine loop is not running"
+        if self._recovering is not None:
+            return False, f"recovering: {self._recovering}"
+        stalled = time.monotonic() - self._last_progress
+        if not self.idle.is_set() and stalled > 2 * self.config.step_timeout_s:
+            return False, f"stuck: no engine step completed for {stalled:.0f} s"
+        return True, "serving" + ("" if self._draft_up or self.workers.draft is None else " (draft down: target-only)")
+
     @property
     def draft_up(self) -> bool:
         return self._draft_up
@@ -176,6 +192,7 @@ class Engine:
     def _run(self) -> None:
         try:
             while not self._stopping:
+                self._last_progress = time.monotonic()
                 self._apply_aborts()
                 try:
                     self._maybe_reconnect_draft()
@@ -408,6 +425,13 @@ class Engine:
         self._draft_up = False
         self._draft_pending, self._draft_backlog = [], []
         self.metrics.set_draft_up(False)
+        self._recovering = str(failure)
+        try:
+            self._recover_target(failure)
+        finally:
+            self._recovering = None
+
+    def _recover_target(self, failure: WorkerFailure) -> None:
         deadline = time.monotonic() + self.config.start_timeout_s
         while not self._stopping and not self.workers.poll_ready(TARGET, 1.0):
             if time.monotonic() > deadline:

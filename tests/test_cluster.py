@@ -263,11 +263,16 @@ def test_silent_draft_does_not_hang(ray_local, checkpoints, target_model):
 def test_silent_target_fails_requests_then_recovers(ray_local, checkpoints, target_model):
     prompts, params = make_prompts()[:3], [SamplingParams(max_tokens=300)] * 3
     with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=2, step_timeout_s=4)) as cluster:
+        assert cluster.health() == (True, "serving")
         threading.Timer(0.3, _freeze, (cluster.workers.targets[0],)).start()
         start = time.monotonic()
         with pytest.raises(WorkerFailure, match="did not answer"):
             run_concurrently(cluster, prompts, params)
         assert time.monotonic() - start < 20
+        serving, why = cluster.health()
+        assert serving or why.startswith("serving")  # recovered, or still recovering
+        if not serving:
+            assert why.startswith("recovering")
         short = [SamplingParams(max_tokens=8)] * 2
         got = run_concurrently(cluster, prompts[:2], short)
         assert [o.token_ids for o in got] == expected(target_model, prompts[:2], short)
