@@ -141,6 +141,8 @@ class Engine:
 
             detok = IncrementalDetokenizer(self.tokenizer, list(prompt_ids), stop_strings=tuple(stop))
         with self._lock:
+            if self._dead is not None:  # checked again under the lock: _die collects under it
+                raise EngineDeadError(f"the engine is not running: {self._dead}")
             req_id = next(self._ids)
             self.scheduler.add(req_id, len(prompt_ids), params.max_tokens)
             self._requests[req_id] = _Request(SequenceState(req_id, list(prompt_ids), params, len(prompt_ids)),
@@ -199,9 +201,9 @@ class Engine:
                 except WorkerFailure as failure:  # the target failed while re-forming the link
                     self._on_target_failure(failure, [])
                     continue
-                with self._lock:
+                with self._lock:  # submit() adds to _requests from other threads
                     admitted = [self._requests[r] for r in self.scheduler.admit()]
-                running = [r for r in self._requests.values() if r.prefilled]
+                    running = [r for r in self._requests.values() if r.prefilled]
                 if not admitted and not running:
                     self._flush_frees()
                     self._publish_queue()
@@ -254,7 +256,7 @@ class Engine:
             r.state.stats.record(res["num_proposed"], res["num_accepted"])
             self.policy.observe_verdict(r.req_id, res["num_proposed"], res["num_accepted"])
             self._emit(r, res["token_ids"], now)
-        self._observe_step(admitted, running, draft_ks, results, out, elapsed)
+        self._observe_step(admitted, running, results, out, elapsed)
         self._publish_queue()
 
     def _wait_target(self, target_refs: list, draft_ref) -> dict:
@@ -366,7 +368,8 @@ class Engine:
         self._decision = self.policy.choose([r.req_id for r in running], caps)
         return {r.req_id: min(self._decision.k_for(r.req_id), caps[r.req_id]) for r in running}
 
-    def _observe_step(self, admitted, running, draft_ks, results, out, elapsed) -> None:
+    def _observe_step(self, admitted: list[_Request], running: list[_Request], results: dict, out: dict,
+                      elapsed: float) -> None:
         decision = self._decision if running and self._draft_up else None
         self._decision = None
         proposed = [results[r.req_id]["num_proposed"] for r in running]
@@ -406,15 +409,18 @@ class Engine:
             self.workers.restart(DRAFT)
             return
         self._token_msgs = 0
-        self._draft_backlog = [(r.req_id, list(r.state.tokens), r.state.params)
-                               for r in self._requests.values() if r.prefilled]
+        with self._lock:
+            self._draft_backlog = [(r.req_id, list(r.state.tokens), r.state.params)
+                                   for r in self._requests.values() if r.prefilled]
         self._draft_up = True
         self.metrics.set_draft_up(True)
         log.warning("draft back; speculation resumed for %d running requests", len(self._draft_backlog))
 
     def _on_target_failure(self, failure: WorkerFailure, affected: list[_Request]) -> None:
         log.error("target failed (%s); failing its running requests and restarting the workers", failure)
-        for r in list(self._requests.values()):
+        with self._lock:
+            current = list(self._requests.values())
+        for r in current:
             if r.prefilled or r in affected:
                 self._finish(r, "error", error=failure)
         self._frees = []
@@ -447,9 +453,11 @@ class Engine:
         self._draft_next_check = 0.0
 
     def _die(self, reason: str) -> None:
-        self._dead = self._dead or reason
         error = EngineDeadError(reason)
-        for r in list(self._requests.values()):
+        with self._lock:
+            self._dead = self._dead or reason
+            current = list(self._requests.values())
+        for r in current:
             self._finish(r, "error", error=error)
         self.idle.set()
 
