@@ -2,7 +2,8 @@
 
 A plain class: the control plane wraps it with ``ray.remote(...).options(...)``; tests can use it
 directly. The draft is a checkpoint path, or ``self:N`` — the first N layers + head of its *own*
-loaded copy of the target checkpoint (weights are not shared across processes).
+loaded copy of the target checkpoint (weights are not shared across processes) — or
+``oracle:ALPHA:DRAFT`` for emulated acceptance (``actors.spec.oracle``).
 
 One call per engine step, ``step(step_id, new, drafts, num_token_msgs, free_ids)``:
 
@@ -92,6 +93,7 @@ class DraftWorker:
         device: torch.device | str | None = None,
         overlap: bool = False,
         pre_verify: bool = False,
+        oracle_continuations: list | None = None,
     ) -> None:
         from actors.model.loader import load_config
 
@@ -100,11 +102,20 @@ class DraftWorker:
             raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
         self.device = torch.device(device) if device is not None else pick_device()
         target_vocab = load_config(target_path).vocab_size
-        model = load_draft_model(draft_spec, target_path, dtype=dtype, device=self.device)
+        kind, value = parse_draft_spec(draft_spec)
+        model = load_draft_model(value[1] if kind == "oracle" else draft_spec, target_path, dtype=dtype,
+                                 device=self.device)
         self.proposer = DraftModelProposer(
             model, target_vocab_size=target_vocab,
             kv_budget_bytes=kv_budget_tokens * model.kv_bytes_per_token, block_size=block_size,
         )
+        if kind == "oracle":  # emulated acceptance (benchmarks): real draft cost, oracle tokens
+            from actors.spec.oracle import OracleProposer, load_continuations
+
+            if oracle_continuations is None:
+                raise ValueError(f"draft {draft_spec!r} needs the target's recorded continuations")
+            self.proposer = OracleProposer(self.proposer, load_continuations(oracle_continuations),
+                                           alpha=value[0], vocab_size=target_vocab)
         self.max_draft_tokens = num_draft_tokens
         self.overlap, self.pre_verify = overlap, pre_verify
         self.link: Transport | None = None

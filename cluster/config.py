@@ -50,6 +50,8 @@ class ClusterConfig(BaseModel):
     pre_verify: bool = Field(
         False, description="With overlap: after a miss, send the first fresh draft token at once (PEARL pre-verify).")
     cost_table: str | None = Field(None, description="JSON of measured step costs to seed the adaptive policy.")
+    oracle_continuations: str | None = Field(
+        None, description="With draft oracle:ALPHA:DRAFT (benchmarks): JSON of the target's recorded greedy outputs.")
 
     # scheduling and memory
     kv_budget_tokens: int = Field(4096, ge=16, description="KV cache size per worker, in tokens.")
@@ -74,11 +76,17 @@ class ClusterConfig(BaseModel):
                 raise ValueError(f"draft {value!r}: expected self:N with N >= 1")
         elif value == "lookup":
             raise ValueError("draft 'lookup' runs in the single-process engine only (outrider generate)")
+        elif value.startswith("oracle:"):
+            from actors.spec.proposers import parse_draft_spec
+
+            parse_draft_spec(value)  # raises ValueError naming the problem
         return value
 
     @model_validator(mode="after")
     def _check_placement(self) -> ClusterConfig:
         self.placement_request()  # raises PlacementError (a ValueError) naming the field
+        if self.draft.startswith("oracle:") and not self.oracle_continuations:
+            raise ValueError("draft oracle:... needs oracle_continuations (the target's recorded outputs)")
         return self
 
     @property

@@ -70,9 +70,14 @@ class WorkerSet:
             for rank in range(cfg.target_gpus)
         ]
         if cfg.has_draft:
+            oracle = None
+            if cfg.oracle_continuations:
+                from actors.spec.oracle import load_continuations
+
+                oracle = [{"prompt": p, "output": o} for p, o in load_continuations(cfg.oracle_continuations)]
             self.draft = ray.remote(DraftWorker).options(**self.placed.actor_options(0, DRAFT, 0), **restarts).remote(
                 cfg.draft, cfg.target, num_draft_tokens=cfg.num_draft_tokens, overlap=cfg.overlap,
-                pre_verify=cfg.pre_verify, **common)
+                pre_verify=cfg.pre_verify, oracle_continuations=oracle, **common)
         self.form_target_group(cfg.start_timeout_s)
         leader = self.call([(TARGET, self.targets[0].info.remote())], "start", cfg.start_timeout_s)[0]
         draft_info = None

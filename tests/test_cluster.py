@@ -118,6 +118,23 @@ def test_greedy_equals_target_only_reference(ray_local, checkpoints, target_mode
         assert decision is not None and decision["reason"]  # the decision and its inputs are exposed
 
 
+def test_oracle_draft_overlap_hits(ray_local, checkpoints, target_model, tmp_path):
+    """Emulated acceptance α = 0.9 with overlap: output unchanged, pre-drafted chains are used."""
+    import json
+
+    prompts, params = make_prompts()[:4], [SamplingParams(max_tokens=60)] * 4
+    want = expected(target_model, prompts, params)
+    recorded = tmp_path / "continuations.json"
+    recorded.write_text(json.dumps([{"prompt": p, "output": o} for p, o in zip(prompts, want)]))
+    with Cluster.start(config(checkpoints[0], draft="oracle:0.9:self:1", num_draft_tokens=3, adaptive=False,
+                              oracle_continuations=str(recorded))) as cluster:
+        got = run_concurrently(cluster, prompts, params)
+        assert [o.token_ids for o in got] == want
+        assert all(o.stats["mean_accepted_length"] > 2.0 for o in got)
+        hits = cluster.engine.metrics.get("outrider_overlap_speculations_total", outcome="hit")
+        assert hits and hits > 0
+
+
 def test_target_only_and_late_arrivals(ray_local, checkpoints, target_model):
     prompts, params = make_prompts(), greedy_params(6)
     with Cluster.start(config(checkpoints[0], draft="none")) as cluster:

@@ -236,15 +236,25 @@ def build_proposer(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     kv_budget_tokens: int = 8192,
+    oracle_continuations=None,
 ) -> Proposer | None:
     """Proposer from a spec string: ``none``, ``self:N`` (target's first N layers + head),
-    ``lookup`` (prompt lookup), or a draft checkpoint (directory or .gguf) sharing the target's
-    tokenizer (checked when ``target_path`` is given)."""
+    ``lookup`` (prompt lookup), ``oracle:ALPHA:DRAFT`` (emulated acceptance over DRAFT's real
+    forward passes; needs ``oracle_continuations``), or a draft checkpoint (directory or .gguf)
+    sharing the target's tokenizer (checked when ``target_path`` is given)."""
     from actors.model.loader import load_model
     from actors.model.tokenizer import ensure_same_tokenizer, load_tokenizer
 
     vocab = target_model.config.vocab_size
     kind, value = parse_draft_spec(spec)
+    if kind == "oracle":
+        from actors.spec.oracle import OracleProposer, load_continuations
+
+        if oracle_continuations is None:
+            raise ValueError(f"draft {spec!r} needs the target's recorded continuations (oracle_continuations)")
+        inner = build_proposer(value[1], target_model, target_path=target_path, dtype=dtype, device=device,
+                               kv_budget_tokens=kv_budget_tokens)
+        return OracleProposer(inner, load_continuations(oracle_continuations), alpha=value[0], vocab_size=vocab)
     if kind == "none":
         return None
     if kind == "lookup":
@@ -262,11 +272,23 @@ def build_proposer(
     )
 
 
-def parse_draft_spec(spec: str) -> tuple[str, int | str | None]:
-    """``none`` | ``lookup`` | ``self:N`` | a checkpoint path -> (kind, N or path or None)."""
+def parse_draft_spec(spec: str) -> tuple[str, int | str | tuple | None]:
+    """``none`` | ``lookup`` | ``self:N`` | ``oracle:ALPHA:INNER`` | a checkpoint path
+    -> (kind, N or path or (alpha, inner spec) or None)."""
     spec = spec.strip()
     if spec in ("none", "lookup"):
         return spec, None
+    if spec.startswith("oracle:"):
+        alpha, _, inner = spec.removeprefix("oracle:").partition(":")
+        try:
+            value = float(alpha)
+        except ValueError:
+            raise ValueError(f"draft spec {spec!r}: expected oracle:ALPHA:DRAFT with ALPHA a number") from None
+        if not 0.0 <= value <= 1.0 or not inner or inner.startswith("oracle:") or inner in ("none", "lookup"):
+            raise ValueError(f"draft spec {spec!r}: expected oracle:ALPHA:DRAFT, ALPHA in [0, 1], "
+                             "DRAFT self:N or a checkpoint (the model whose cost is measured)")
+        parse_draft_spec(inner)
+        return "oracle", (value, inner)
     if spec.startswith("self:"):
         try:
             return "self", int(spec.removeprefix("self:"))
