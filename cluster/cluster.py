@@ -180,10 +180,15 @@ class Cluster:
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        ids = set()
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        return tuple(sorted(ids))
+        """End-of-sequence ids: the model config's (all of them, e.g. Llama 3's <|eot_id|>) and the tokenizer's."""
+        if not hasattr(self, "_eos"):
+            from actors.model.loader import load_config
+
+            ids = set(load_config(self.config.target).eos_token_ids)
+            if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+                ids.add(int(self.tokenizer.eos_token_id))
+            self._eos = tuple(sorted(ids))
+        return self._eos
 
     async def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None, *,
                        stop: str | list[str] | None = None, ignore_eos: bool = False) -> RequestStream:
