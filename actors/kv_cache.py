@@ -25,6 +25,10 @@ Invariants:
 
 Block-level access (``block_table``, ``read_blocks``, ``write_blocks``) is the interface that
 paging and KV transfer between workers build on.
+
+``reserve_scratch_slot`` takes one block out of circulation (no sequence ever owns it): padded
+rows of a bucketed step (``actors.model.graph_runner``) write their K/V there and padded KV
+entries point there, so padding never touches a sequence's entries.
 """
 
 from __future__ import annotations
@@ -38,6 +42,14 @@ import torch
 
 class KVCacheFullError(RuntimeError):
     """Raised when a sequence needs more KV blocks than the cache has free."""
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU tensor to ``device`` without blocking the host: through pinned memory on CUDA
+    (a pageable copy would wait for the stream to drain), as is on CPU."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -92,11 +104,24 @@ class PagedKVCache:
         )
         self._free_blocks: list[int] = list(range(self.num_blocks - 1, -1, -1))
         self._seqs: dict[Hashable, _SeqState] = {}
+        self._scratch_block: int | None = None
 
     # ----------------------------------------------------------------- capacity
     @property
     def capacity_tokens(self) -> int:
-        return self.num_slots
+        """Entries sequences can hold (every slot but the scratch block's, once one is reserved)."""
+        return self.num_slots - (self.block_size if self._scratch_block is not None else 0)
+
+    def reserve_scratch_slot(self) -> int:
+        """Take one free block out of circulation (once; idempotent) and return its first slot.
+
+        No sequence ever owns it: padding rows of bucketed (CUDA graph) steps write there and padded
+        KV entries read there. Raises ``KVCacheFullError`` when no block is free."""
+        if self._scratch_block is None:
+            if not self._free_blocks:
+                raise KVCacheFullError("no free KV block left for the scratch block of padded steps")
+            self._scratch_block = self._free_blocks.pop()
+        return self._scratch_block * self.block_size
 
     @property
     def num_free_blocks(self) -> int:
@@ -168,11 +193,25 @@ class PagedKVCache:
         Returns ``(slots, positions)``, both [num_tokens] int64 on the cache's device: the flat
         cache slot of each new entry and its position id (committed length + depth in the tree).
         """
+        start, positions = self.append_host(req_id, num_tokens, parents)
+        return self.slots(req_id, start, start + num_tokens), torch.tensor(list(positions), dtype=torch.long).to(self.device)
+
+    def append_host(
+        self, req_id: Hashable, num_tokens: int, parents: Sequence[int] | None = None
+    ) -> tuple[int, Sequence[int]]:
+        """``append`` without device tensors: returns ``(start, positions)`` where the new entries
+        are ``[start, start + num_tokens)`` of the sequence and ``positions`` a sequence of ints."""
         state = self._seqs[req_id]
         num_pending = len(state.pending_parents)
-        if parents is None:
-            parents = range(num_pending - 1, num_pending + num_tokens - 1)
-        elif len(parents) != num_tokens:
+        depths = state.pending_depths
+        if parents is None:  # a chain continuing from the last pending entry (or the prefix)
+            self._ensure(req_id, self._total_len(state) + num_tokens)
+            start = self._total_len(state)
+            first_depth = depths[-1] + 1 if num_pending else 0
+            depths.extend(range(first_depth, first_depth + num_tokens))
+            state.pending_parents.extend(range(num_pending - 1, num_pending + num_tokens - 1))
+            return start, range(state.seq_len + first_depth, state.seq_len + first_depth + num_tokens)
+        if len(parents) != num_tokens:
             raise ValueError(f"got {len(parents)} parents for {num_tokens} tokens")
         parents = list(parents)
         for i, parent in enumerate(parents):
@@ -183,12 +222,10 @@ class PagedKVCache:
                 )
         self._ensure(req_id, self._total_len(state) + num_tokens)
         start = self._total_len(state)
-        depths = state.pending_depths
         for parent in parents:
             depths.append(0 if parent < 0 else depths[parent] + 1)
         state.pending_parents.extend(parents)
-        positions = torch.tensor(depths[num_pending:], dtype=torch.long) + state.seq_len
-        return self.slots(req_id, start, start + num_tokens), positions.to(self.device)
+        return start, [d + state.seq_len for d in depths[num_pending:]]
 
     def pending_is_chain(self, req_id: Hashable) -> bool:
         parents = self._seqs[req_id].pending_parents
@@ -219,9 +256,9 @@ class PagedKVCache:
             if state.pending_parents[idx] != expected_parent:
                 raise ValueError(f"kept pending entries {keep} are not a root-to-leaf path")
         if keep != list(range(len(keep))):
-            all_slots = self.slots(req_id, state.seq_len, self._total_len(state))
-            src = all_slots[torch.tensor(keep, dtype=torch.long, device=self.device)]
-            dst = all_slots[: len(keep)]
+            all_slots = self.host_slots(req_id, state.seq_len, self._total_len(state))
+            src_dst = torch.stack((all_slots[torch.tensor(keep, dtype=torch.long)], all_slots[: len(keep)]))
+            src, dst = to_device(src_dst, self.device)  # one copy (pinned, asynchronous on CUDA)
             self.storage[:, :, dst] = self.storage[:, :, src]
         state.seq_len += len(keep)
         state.pending_parents.clear()
@@ -239,9 +276,17 @@ class PagedKVCache:
     # ----------------------------------------------------------------- access
     def slots(self, req_id: Hashable, start: int, end: int) -> torch.Tensor:
         """Flat slots of entries ``[start, end)`` (committed and pending alike): [end - start] int64."""
+        return self.host_slots(req_id, start, end).to(self.device)
+
+    def host_slots(self, req_id: Hashable, start: int, end: int) -> torch.Tensor:
+        """``slots`` as a CPU tensor (no device copy)."""
         table = torch.tensor(self._seqs[req_id].block_table, dtype=torch.long)
         index = torch.arange(start, end, dtype=torch.long)
-        return (table[index // self.block_size] * self.block_size + index % self.block_size).to(self.device)
+        return table[index // self.block_size] * self.block_size + index % self.block_size
+
+    def block_table_view(self, req_id: Hashable) -> list[int]:
+        """The sequence's block table itself (not a copy): read it, never modify it."""
+        return self._seqs[req_id].block_table
 
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views ``(k, v)`` of one (local) layer, each [num_slots, num_kv_heads, head_dim]."""

@@ -2,8 +2,9 @@
 
 For one layer: write the step's new K/V into the paged cache at ``batch.slot_mapping``, gather
 every sequence's K/V by ``batch.kv_slots``, gather queries by ``batch.q_index``, run
-``scaled_dot_product_attention`` under ``batch.attn_mask`` (GQA via ``enable_gqa``), and scatter
-the per-sequence outputs back to token order.
+``scaled_dot_product_attention`` under ``batch.attn_mask`` (grouped-query attention by folding
+each KV head's query heads into the query axis), and scatter the per-sequence outputs back to
+token order.
 
 Invariants:
 
@@ -11,7 +12,9 @@ Invariants:
   indexing), so the same code runs on CPU and CUDA;
 * the cache is written before it is read, so a token attends to its own K/V and to earlier
   tokens of the same step exactly as the mask allows;
-* padding query rows (``q_valid`` False) are computed (they see entry 0) and then dropped.
+* padding query rows (``q_valid`` False) are computed (they see entry 0) and then dropped;
+* a dense (padded, ``batch.dense``) batch has row ``b * Q + j`` for sequence b's j-th query: the
+  queries are a reshape of T (no gather, no scatter) and every row is written.
 """
 
 from __future__ import annotations
@@ -47,20 +50,33 @@ def paged_attention(
     # [B, L, Hkv, D] -> [B, Hkv, L, D]
     keys = k_cache[batch.kv_slots].to(q.dtype).transpose(1, 2)
     values = v_cache[batch.kv_slots].to(q.dtype).transpose(1, 2)
-    gqa = num_heads != k.shape[1]
-    if num_seqs == 1 and max_q == num_tokens:
-        # One sequence, no padding: T order is the query order.
-        queries = q.unsqueeze(0).transpose(1, 2)  # [1, Hq, T, D]
-    else:
-        queries = q[batch.q_index].transpose(1, 2)  # [B, Q, Hq, D] -> [B, Hq, Q, D]
-    out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=batch.attn_mask, enable_gqa=gqa
-    )  # [B, Hq, Q, D]
-    out = out.transpose(1, 2)  # [B, Q, Hq, D]
-    if num_seqs == 1 and max_q == num_tokens:
-        return out[0]
+    if (batch.dense and num_seqs * max_q == num_tokens) or (num_seqs == 1 and max_q == num_tokens):
+        # Dense layout (or one unpadded sequence): T order is the query order.
+        out = _attend(q.view(num_seqs, max_q, num_heads, head_dim), keys, values, batch.attn_mask)
+        return out.reshape(num_tokens, num_heads, head_dim)
+    out = _attend(q[batch.q_index], keys, values, batch.attn_mask)  # [B, Q, Hq, D]
     # Scatter valid rows back to token order; padding rows go to a scratch row T that is dropped.
     dest = torch.where(batch.q_valid, batch.q_index, num_tokens).reshape(-1)  # [B*Q]
     result = q.new_empty(num_tokens + 1, num_heads, head_dim)
     result.index_copy_(0, dest, out.reshape(num_seqs * max_q, num_heads, head_dim))
     return result[:num_tokens]
+
+
+def _attend(
+    queries: torch.Tensor,  # [B, Q, Hq, D]
+    keys: torch.Tensor,  # [B, Hkv, L, D]
+    values: torch.Tensor,  # [B, Hkv, L, D]
+    mask: torch.Tensor,  # [B, 1, Q, L] bool
+) -> torch.Tensor:  # [B, Q, Hq, D]
+    """SDPA under the step mask. Grouped-query attention folds each KV head's G query heads into
+    the query axis ([B, Hkv, G*Q, D], the mask repeated G times), so no backend repeats K/V and
+    the fused (memory-efficient) kernels, which take a mask but not ``enable_gqa``, stay eligible."""
+    b, qlen, hq, d = queries.shape
+    hkv, kv_len = keys.shape[1], keys.shape[2]
+    if hq == hkv:
+        return F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=mask).transpose(1, 2)
+    g = hq // hkv
+    folded = queries.view(b, qlen, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * qlen, d)
+    folded_mask = mask.expand(b, g, qlen, kv_len).reshape(b, 1, g * qlen, kv_len)
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=folded_mask)  # [B, Hkv, G*Q, D]
+    return out.view(b, hkv, g, qlen, d).permute(0, 3, 1, 2, 4).reshape(b, qlen, hq, d)
