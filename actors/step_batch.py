@@ -28,21 +28,21 @@ sequence's first entry, or the scratch slot for padding sequences. Padded KV ent
 scratch slot and are masked out. ``logits_index`` has N rows: the real ones first, then row 0.
 Everything stays finite, so masked entries cannot leak NaN into real rows.
 
-The metadata is built on the host (numpy) and reaches the device in two copies (one int64, one
-bool buffer; pinned and asynchronous on CUDA), so building a step never waits for the GPU.
+The metadata is built on the host (numpy, in one pinned byte buffer on CUDA) and reaches the device
+in one asynchronous copy, so building a step never waits for the GPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import accumulate, chain
 from typing import Literal
 
 import numpy as np
 import torch
 
-from actors.kv_cache import PagedKVCache, to_device
+from actors.kv_cache import PagedKVCache
 
 LogitsWanted = Literal["all", "last", "none"]
 
@@ -71,9 +71,10 @@ class Padding:
     def num_tokens(self) -> int:
         return self.batch * self.query
 
-    def sizes(self) -> tuple[int, int]:
-        """(int64 elements, bool elements) of the packed metadata of this shape."""
-        return _packed_sizes(self.num_tokens, self.batch, self.query, self.kv, self.logits)
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """(T, B, Q, L, N) of the packed metadata."""
+        return self.num_tokens, self.batch, self.query, self.kv, self.logits
 
 
 def _packed_sizes(t: int, b: int, q: int, l: int, n: int) -> tuple[int, int]:  # noqa: E741
@@ -116,36 +117,35 @@ class StepBatch:
         steps: Sequence[SeqStep],
         *,
         padding: Padding | None = None,
-        out: tuple[torch.Tensor, torch.Tensor] | None = None,
+        out: torch.Tensor | None = None,
     ) -> StepBatch:
         """Append every step's tokens to ``cache`` (as pending entries) and build the metadata.
 
         ``padding``: lay the step out densely in that bucket shape (must fit, else ``ValueError``).
-        ``out``: flat (int64, bool) device buffers of exactly the packed sizes to copy into (the
-        static inputs of a captured graph); the returned tensors are views of them.
+        ``out``: a device byte buffer of exactly ``packed_nbytes`` to copy the metadata into (the
+        static inputs of a captured graph); the returned tensors are views of it.
         """
-        ints, bools, shape, counts = _build_host(cache, steps, padding)
         device = cache.device
+        host, shape, counts = build_host(cache, steps, padding, pin=device.type == "cuda")
         if out is None:
-            ints_d, bools_d = to_device(torch.from_numpy(ints), device), to_device(torch.from_numpy(bools), device)
+            packed = host if device.type == "cpu" else host.to(device, non_blocking=True)
         else:
-            ints_d, bools_d = out
-            if ints_d.numel() != ints.size or bools_d.numel() != bools.size:
-                raise ValueError("out buffers do not match the packed metadata sizes")
-            _copy_in(ints_d, ints)
-            _copy_in(bools_d, bools)
-        return cls.from_packed(ints_d, bools_d, shape, [s.req_id for s in steps],
-                               [len(s.token_ids) for s in steps], counts, padding)
+            if out.numel() != host.numel() or out.dtype != torch.uint8:
+                raise ValueError("out does not match the packed metadata size")
+            out.copy_(host, non_blocking=True)
+            packed = out
+        return cls.from_packed(packed, shape, [s.req_id for s in steps], [len(s.token_ids) for s in steps],
+                               counts, padding)
 
     @classmethod
-    def from_packed(cls, ints: torch.Tensor, bools: torch.Tensor, shape: tuple[int, int, int, int, int],
-                    req_ids: list[Hashable], query_lens: list[int], counts: list[int],
-                    padding: Padding | None) -> StepBatch:
-        """Views of flat packed buffers: ints = [ids T | positions T | slots T | q_index B*Q |
-        kv_slots B*L | logits_index N], bools = [q_valid B*Q | attn_mask B*Q*L]."""
+    def from_packed(cls, packed: torch.Tensor, shape: tuple[int, int, int, int, int], req_ids: list[Hashable],
+                    query_lens: list[int], counts: list[int], padding: Padding | None) -> StepBatch:
+        """Views of one packed byte buffer (``packed_nbytes(shape)``): int64 [ids T | positions T |
+        slots T | q_index B*Q | kv_slots B*L | logits_index N], then bool [q_valid B*Q | attn_mask B*Q*L]."""
         t, b, q, l, n = shape  # noqa: E741
-        sizes = (t, t, t, b * q, b * l, n)
-        ids, pos, slots, q_index, kv_slots, logits_index = torch.split(ints, sizes)
+        n_int, _ = _packed_sizes(t, b, q, l, n)
+        ints, bools = packed[: 8 * n_int].view(torch.int64), packed[8 * n_int:].view(torch.bool)
+        ids, pos, slots, q_index, kv_slots, logits_index = torch.split(ints, (t, t, t, b * q, b * l, n))
         q_valid, mask = torch.split(bools, (b * q, b * q * l))
         return cls(
             req_ids=req_ids,
@@ -167,18 +167,18 @@ class StepBatch:
         return list(torch.split(logits[: self.num_logits], self.logits_counts))
 
 
-def _copy_in(dst: torch.Tensor, host: np.ndarray) -> None:
-    src = torch.from_numpy(host)
-    if dst.device.type == "cuda":
-        src = src.pin_memory()
-    dst.copy_(src, non_blocking=True)
+def packed_nbytes(shape: tuple[int, int, int, int, int]) -> int:
+    """Bytes of the packed metadata of a (T, B, Q, L, N) shape."""
+    n_int, n_bool = _packed_sizes(*shape)
+    return 8 * n_int + n_bool
 
 
 _COUNTS = {"all": None, "last": 1, "none": 0}
 
 
-def _build_host(cache: PagedKVCache, steps: Sequence[SeqStep], padding: Padding | None):
-    """Append to the cache and build the packed metadata on the host (numpy)."""
+def build_host(cache: PagedKVCache, steps: Sequence[SeqStep], padding: Padding | None, *, pin: bool):
+    """Append to the cache and build the packed metadata in one host byte buffer (pinned when
+    ``pin``): returns ``(buffer, (T, B, Q, L, N), logits_counts)``. Few numpy calls, whatever B."""
     if not steps and padding is None:
         raise ValueError("a step needs at least one sequence")
     for step in steps:
@@ -188,93 +188,87 @@ def _build_host(cache: PagedKVCache, steps: Sequence[SeqStep], padding: Padding 
             raise ValueError(f"logits must be 'all', 'last' or 'none', not {step.logits!r}")
     n_seq = len(steps)
     lens = [len(s.token_ids) for s in steps]
-    max_q = max(lens, default=1)
     bs = cache.block_size
-    firsts, totals, tables, positions, trees = [], [], [], [], []
+    firsts, tables, positions, trees = [], [], [], []
     for b, step in enumerate(steps):
         pending_before = cache.num_pending(step.req_id)
         start, pos = cache.append_host(step.req_id, lens[b], step.parents)
         firsts.append(start)
-        totals.append(start + lens[b])
         tables.append(cache.block_table_view(step.req_id))
         positions.append(pos)
-        if not cache.pending_is_chain(step.req_id):
+        if (step.parents is not None or pending_before) and not cache.pending_is_chain(step.req_id):
             visible = cache.pending_visibility(step.req_id)[pending_before:].numpy()
             trees.append((b, start - pending_before, visible))
-    max_kv = max(totals, default=1)
-    counts = [lens[b] if _COUNTS[s.logits] is None else _COUNTS[s.logits] for b, s in enumerate(steps)]
+    totals = [f + n for f, n in zip(firsts, lens)]
+    max_q, max_kv = max(lens, default=1), max(totals, default=1)
+    counts = [n if _COUNTS[s.logits] is None else _COUNTS[s.logits] for n, s in zip(lens, steps)]
 
     if padding is None:
-        bp, qp, lp = n_seq, max_q, max_kv
-        fill = 0  # ragged: padded KV entries point at slot 0 (masked)
-        offsets = np.cumsum([0, *lens[:-1]]) if steps else np.zeros(0, dtype=np.int64)
-        t = sum(lens)
+        bp, qp, lp, fill = n_seq, max_q, max_kv, 0  # ragged: padded KV entries point at slot 0 (masked)
+        offsets = list(accumulate(lens[:-1], initial=0))
+        t, n_logits = sum(lens), sum(counts)
     else:
-        bp, qp, lp = padding.batch, padding.query, padding.kv
-        if n_seq > bp or max_q > qp or max_kv > lp or sum(counts) > padding.logits:
+        bp, qp, lp, n_logits = padding.batch, padding.query, padding.kv, padding.logits
+        if n_seq > bp or max_q > qp or max_kv > lp or sum(counts) > n_logits:
             raise ValueError(f"step (B={n_seq}, Q={max_q}, L={max_kv}, N={sum(counts)}) does not fit {padding}")
         fill = padding.scratch_slot
-        offsets = np.arange(n_seq, dtype=np.int64) * qp
+        offsets = list(range(0, n_seq * qp, qp))
         t = bp * qp
-    n_logits = sum(counts) if padding is None else padding.logits
-    ints = np.empty(_packed_sizes(t, bp, qp, lp, n_logits)[0], dtype=np.int64)
-    bools = np.zeros(_packed_sizes(t, bp, qp, lp, n_logits)[1], dtype=np.bool_)
-    ids, pos, slot_mapping, q_index, kv_slots, logits_index = np.split(
-        ints, np.cumsum([t, t, t, bp * qp, bp * lp]))
+    shape = (t, bp, qp, lp, n_logits)
+    n_int, n_bool = _packed_sizes(*shape)
+    buffer = torch.empty(8 * n_int + n_bool, dtype=torch.uint8, pin_memory=pin)
+    raw = buffer.numpy()
+    ints, bools = raw[: 8 * n_int].view(np.int64), raw[8 * n_int:].view(np.bool_)
+    ids, pos, slot_mapping = ints[:t], ints[t: 2 * t], ints[2 * t: 3 * t]
+    o = 3 * t
+    q_index = ints[o: o + bp * qp].reshape(bp, qp)
+    kv_slots = ints[o + bp * qp: o + bp * qp + bp * lp].reshape(bp, lp)
+    logits_index = ints[o + bp * qp + bp * lp:]
     q_valid, mask = bools[: bp * qp].reshape(bp, qp), bools[bp * qp:].reshape(bp, qp, lp)
-    q_index, kv_slots = q_index.reshape(bp, qp), kv_slots.reshape(bp, lp)
 
-    # KV slots of every sequence's entries, padded with ``fill``.
-    j = np.arange(qp)
-    valid = np.zeros((bp, qp), dtype=np.bool_)
-    if n_seq:
-        # block tables [n_seq, blocks], padded; then every slot of every block, cut to L
-        num_blocks = [len(tb) for tb in tables]
-        width = max(max(num_blocks), -(-lp // bs))
-        flat = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=sum(num_blocks))
-        table = np.zeros((n_seq, width), dtype=np.int64)
-        starts = np.cumsum(num_blocks) - num_blocks
-        table[np.repeat(np.arange(n_seq), num_blocks), np.arange(flat.size) - np.repeat(starts, num_blocks)] = flat
-        slots = (table[:, :, None] * bs + np.arange(bs)).reshape(n_seq, width * bs)[:, :lp]  # [n_seq, L]
-        entry = np.arange(lp)
-        total = np.asarray(totals, dtype=np.int64)
-        kv_slots[:n_seq] = np.where(entry < total[:, None], slots, fill)
-        kv_slots[n_seq:] = fill
-        valid[:n_seq] = j < np.asarray(lens)[:, None]
-        first = np.asarray(firsts, dtype=np.int64)
-        # chain mask: query j sees entries [0, first + j]; padding rows (limit -1) see nothing yet
-        limit = np.where(valid[:n_seq], first[:, None] + j, -1)
-        np.less_equal(entry, limit[:, :, None], out=mask[:n_seq])
-        for b, committed, visible in trees:
-            mask[b] = False
-            mask[b, : lens[b], :committed] = True
-            mask[b, : lens[b], committed: totals[b]] = visible
-        rows = (offsets[:, None] + j)[valid[:n_seq]]  # real rows of T, in step order
-        new_slots = np.take_along_axis(slots, np.minimum(first[:, None] + j, lp - 1), 1)[valid[:n_seq]]
+    # token rows (python over T tokens; each sequence's new entries are [first, first + n))
+    rows = [off + j for off, n in zip(offsets, lens) for j in range(n)]
+    new_slots = [tb[e // bs] * bs + e % bs for tb, f, n in zip(tables, firsts, lens) for e in range(f, f + n)]
+    token_ids = list(chain.from_iterable(s.token_ids for s in steps))
+    token_pos = list(chain.from_iterable(positions))
+    if padding is None:  # T rows are exactly the real tokens
+        ids[:], pos[:], slot_mapping[:] = token_ids, token_pos, new_slots
     else:
-        kv_slots[:] = fill
-        rows = new_slots = np.zeros(0, dtype=np.int64)
-    mask[:, :, 0] |= ~valid  # padding rows attend to entry 0 only (real rows always see it)
+        ids[:], pos[:], slot_mapping[:] = 0, 0, fill
+        if rows:
+            ids[rows], pos[rows], slot_mapping[rows] = token_ids, token_pos, new_slots
 
-    ids[:] = 0
-    pos[:] = 0
-    slot_mapping[:] = fill
-    ids[rows] = np.fromiter(chain.from_iterable(s.token_ids for s in steps), dtype=np.int64, count=len(rows))
-    pos[rows] = np.fromiter(chain.from_iterable(positions), dtype=np.int64, count=len(rows))
-    slot_mapping[rows] = new_slots
+    # KV slots [B, L]: every slot of every owned block, cut at the sequence's length, then ``fill``
+    if n_seq:
+        width = -(-lp // bs)
+        table = np.array([tb[:width] + [0] * (width - len(tb)) for tb in tables], dtype=np.int64)
+        slots = (table[:, :, None] * bs + np.arange(bs)).reshape(n_seq, width * bs)[:, :lp]
+        entry = np.arange(lp)
+        np.copyto(kv_slots[:n_seq], np.where(entry < np.array(totals)[:, None], slots, fill))
+        # chain mask: query j sees entries [0, first + j]; padding rows see entry 0 only (below)
+        limit = np.array([[f + j if j < n else -1 for j in range(qp)] for f, n in zip(firsts, lens)])
+        np.less_equal(entry, limit[:, :, None], out=mask[:n_seq])
+    kv_slots[n_seq:] = fill
+    mask[n_seq:] = False
+    mask[:, :, 0] = True  # real chain rows always see entry 0; padding rows see it only
+    for b, committed, visible in trees:
+        n = lens[b]
+        mask[b] = False
+        mask[b, :n, :committed] = True
+        mask[b, :n, committed: totals[b]] = visible
+        mask[b, n:, 0] = True
     if padding is None:
-        q_index[:] = np.where(valid, offsets[:, None] + j[None, :], 0)
-        q_valid[:] = valid
+        q_index[:] = [[off + j if j < n else 0 for j in range(qp)] for off, n in zip(offsets, lens)]
+        q_valid[:] = [[j < n for j in range(qp)] for n in lens]
     else:
         q_index[:] = np.arange(t).reshape(bp, qp)
         q_valid[:] = True
     wanted = []
-    for b, step in enumerate(steps):
-        base = int(offsets[b])
+    for off, n, step in zip(offsets, lens, steps):
         if step.logits == "all":
-            wanted.extend(range(base, base + lens[b]))
+            wanted.extend(range(off, off + n))
         elif step.logits == "last":
-            wanted.append(base + lens[b] - 1)
-    logits_index[:] = 0
+            wanted.append(off + n - 1)
     logits_index[: len(wanted)] = wanted
-    return ints, bools, (t, bp, qp, lp, n_logits), counts
+    logits_index[len(wanted):] = 0
+    return buffer, shape, counts

@@ -173,12 +173,48 @@ def bench_model(name: str, args, bandwidth: float) -> dict:
                   f"{r['graph_step']['median_ms']:7.3f} ms  (device {r['eager_device']['median_ms']:.3f} / "
                   f"{r['graph_device']['median_ms']:.3f} ms, floor {r['floor_ms']:.3f} ms, argmax agree "
                   f"{r['argmax_agree']}/{r['logit_rows']})", flush=True)
+    profile = None
+    if device == "cuda" and args.profile:
+        try:
+            profile = kernel_profile(model, cache, runner, vocab)
+        except Exception as exc:  # the profile is diagnostic only
+            profile = {"error": repr(exc)}
+            print(f"    kernel profile failed: {exc!r}")
     return {
+        "kernel_profile": profile,
         "model": name, "config": SHAPES[name], "params": sum(p.numel() for p in model.parameters()),
         "weight_bytes_read_per_step": weight_bytes, "kv_bytes_per_token": model.kv_bytes_per_token,
         "context": context, "write_checkpoint_s": t_write, "load_s": t_load, "runner_stats": runner.stats,
         "kv_buckets": list(runner.kv_buckets), "scenarios": rows, "errors": errors,
     }
+
+
+def kernel_profile(model, cache, runner, vocab: int) -> dict:
+    """CUDA kernels of one decode step at batch 1 (the padded batch, run eagerly): what the graph
+    replays, kernel by kernel. Kernel times are the same inside a graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = [SeqStep(0, [vocab // 2], logits="last")]
+    batch = StepBatch.build(cache, steps, padding=runner.bucket(steps))
+    for _ in range(3):
+        model.forward(batch, cache)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.forward(batch, cache)
+        torch.cuda.synchronize()
+    cache.commit(0, [])
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    time_attr = "device_time_total" if hasattr(kernels[0], "device_time_total") else "cuda_time_total"
+    rows = sorted(({"kernel": e.key[:120], "count": e.count, "total_us": getattr(e, time_attr)} for e in kernels),
+                  key=lambda r: -r["total_us"])
+    total_count, total_us = sum(r["count"] for r in rows), sum(r["total_us"] for r in rows)
+    layers = model.num_held_layers
+    print(f"    kernels per decode step: {total_count} ({total_count / layers:.1f} per layer), "
+          f"kernel time {total_us / 1e3:.3f} ms")
+    for r in rows[:12]:
+        print(f"      {r['count']:5d} × {r['total_us'] / max(r['count'], 1):7.2f} us  {r['kernel'][:90]}")
+    return {"kernels_per_step": total_count, "kernels_per_layer": total_count / layers,
+            "kernel_time_ms": total_us / 1e3, "top": rows[:40]}
 
 
 def bench_scenario(label, model, cache, runner, steps, args, weight_bytes, bandwidth) -> dict:
@@ -314,10 +350,14 @@ def markdown(r: dict) -> str:
                 f"{s['argmax_agree']}/{s['logit_rows']} |")
     lines.append("")
     for m in r["models"]:
+        kp = m.get("kernel_profile")
+        kp = kp if kp and "error" not in kp else None
+        prof = (f" A batch-1 decode step runs {kp['kernels_per_step']} kernels ({kp['kernels_per_layer']:.1f} per "
+                f"layer), {kp['kernel_time_ms']:.3f} ms of kernel time." if kp else "")
         lines.append(f"- {m['model']}: {m['params'] / 1e6:.0f} M parameters, "
                      f"{m['weight_bytes_read_per_step'] / 1e6:.0f} MB of weights read per step, "
                      f"{m['kv_bytes_per_token']} KV bytes per token; graphs captured {m['runner_stats']['captures']} "
-                     f"in {m['runner_stats']['capture_s']:.2f} s; KV buckets {m['kv_buckets']}.")
+                     f"in {m['runner_stats']['capture_s']:.2f} s; KV buckets {m['kv_buckets']}.{prof}")
     lines.append("")
     return "\n".join(lines)
 
@@ -333,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round and mode")
     parser.add_argument("--device-iters", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip the per-kernel profile of a batch-1 decode step")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]

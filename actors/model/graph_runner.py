@@ -41,6 +41,7 @@ eagerly: on CPU it tests the padding logic, on CUDA it isolates graph effects), 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.kv_cache import PagedKVCache
-from actors.step_batch import Padding, SeqStep, StepBatch
+from actors.step_batch import Padding, SeqStep, StepBatch, build_host, packed_nbytes
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_QUERY_BUCKETS = (1, 2, 3, 4, 5, 6, 8)
@@ -65,11 +66,11 @@ def power_of_two_buckets(low: int, high: int) -> tuple[int, ...]:
 
 @dataclass
 class _Entry:
-    """One bucket: its static inputs (flat packed buffers + the StepBatch of views) and graph."""
+    """One bucket: its static inputs (one packed byte buffer and a StepBatch of views) and graph."""
 
     padding: Padding
-    ints: torch.Tensor
-    bools: torch.Tensor
+    packed: torch.Tensor
+    static: StepBatch
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None  # the graph's output buffer [N, V]
 
@@ -135,10 +136,9 @@ class GraphRunner:
         key = (padding.batch, padding.query, padding.kv, padding.logits)
         entry = self._entries.get(key)
         if entry is None:
-            n_int, n_bool = padding.sizes()
-            device = self.cache.device
-            entry = _Entry(padding, torch.zeros(n_int, dtype=torch.long, device=device),
-                           torch.zeros(n_bool, dtype=torch.bool, device=device))
+            packed = torch.zeros(packed_nbytes(padding.shape), dtype=torch.uint8, device=self.cache.device)
+            static = StepBatch.from_packed(packed, padding.shape, [], [], [], padding)
+            entry = _Entry(padding, packed, static)
             self._entries[key] = entry
         return entry
 
@@ -153,7 +153,10 @@ class GraphRunner:
             batch = StepBatch.build(self.cache, steps)
         elif self.mode == "graph":
             entry = self._entry(padding)
-            batch = StepBatch.build(self.cache, steps, padding=padding, out=(entry.ints, entry.bools))
+            host, _, counts = build_host(self.cache, steps, padding, pin=True)
+            entry.packed.copy_(host, non_blocking=True)
+            batch = dataclasses.replace(entry.static, req_ids=[s.req_id for s in steps],
+                                        query_lens=[len(s.token_ids) for s in steps], logits_counts=counts)
         else:
             batch = StepBatch.build(self.cache, steps, padding=padding)
         batch._runner_generation = (id(self), self._generation)
@@ -174,7 +177,7 @@ class GraphRunner:
             return self.model.forward(batch, self.cache)[:n]
         entry = self._entry(batch.padding)
         if entry.graph is None:
-            self._capture(entry, batch)
+            self._capture(entry)
         entry.graph.replay()
         self.stats["graph_steps"] += 1
         return entry.logits[:n].clone()
@@ -200,18 +203,17 @@ class GraphRunner:
                 entry = self._entry(Padding(pb, pq, pk, n, self.scratch_slot))
                 if entry.graph is None:
                     self._generation += 1  # any outstanding batch is overwritten below
-                    batch = StepBatch.build(self.cache, [], padding=entry.padding, out=(entry.ints, entry.bools))
-                    self._capture(entry, batch)
+                    host, _, _ = build_host(self.cache, [], entry.padding, pin=True)
+                    entry.packed.copy_(host, non_blocking=True)
+                    self._capture(entry)
 
-    def _capture(self, entry: _Entry, batch: StepBatch) -> None:
+    def _capture(self, entry: _Entry) -> None:
         """Warm up on a side stream, then capture ``model.forward`` on the bucket's static inputs.
 
         The static buffers hold a real step (or all padding): warm-up runs execute it, writing the
         same K/V to the same slots that the replay then writes again (idempotent)."""
         t0 = time.perf_counter()
-        static = StepBatch.from_packed(
-            entry.ints, entry.bools, _shape(entry.padding), batch.req_ids, batch.query_lens,
-            batch.logits_counts, entry.padding)
+        static = entry.static
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -233,7 +235,3 @@ class GraphRunner:
 def _ceil(buckets: tuple[int, ...], value: int) -> int | None:
     i = bisect.bisect_left(buckets, value)
     return buckets[i] if i < len(buckets) else None
-
-
-def _shape(padding: Padding) -> tuple[int, int, int, int, int]:
-    return padding.num_tokens, padding.batch, padding.query, padding.kv, padding.logits

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from actors.kv_cache import PagedKVCache
-from actors.model.attention import paged_attention
+from actors.model.attention import attention_bias, paged_attention
 from actors.model.config import ModelConfig
 from actors.model.rope import RotaryEmbedding
 from actors.model.tensor_parallel import TensorParallel
@@ -127,6 +127,7 @@ class LlamaModel(nn.Module):
         batch: StepBatch,
         cache: PagedKVCache,
         cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,  # from self.rope.cos_sin(positions)
+        attn_bias: torch.Tensor | None = None,  # from self.attention_bias(batch), once per step
     ) -> torch.Tensor:  # [T, H]
         cfg, tp, w = self.config, self.tp, self._layer(layer)  # tp: this rank's head counts
         cos, sin = cos_sin if cos_sin is not None else self.rope.cos_sin(batch.positions)
@@ -138,8 +139,12 @@ class LlamaModel(nn.Module):
         q, k = qk[:, : tp.num_heads], qk[:, tp.num_heads :]
         v = qkv[:, tp.q_size + tp.kv_size :].view(num_tokens, tp.num_kv_heads, cfg.head_dim)
         k_cache, v_cache = cache.layer_kv(layer - self.first_layer)
-        attn = paged_attention(q, k, v, k_cache, v_cache, batch)  # [T, Hq, D]
+        attn = paged_attention(q, k, v, k_cache, v_cache, batch, attn_bias)  # [T, Hq, D]
         return hidden + self._row_parallel(attn.reshape(num_tokens, tp.q_size), w.w_o, w.b_o)
+
+    def attention_bias(self, batch: StepBatch) -> torch.Tensor:
+        """The step's attention mask as the additive bias every layer shares (see attention.py)."""
+        return attention_bias(batch, self.tp.num_heads // self.tp.num_kv_heads, self.dtype)
 
     def ffn_half(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] -> [T, H]."""
@@ -171,8 +176,9 @@ class LlamaModel(nn.Module):
         if start == end:
             return hidden
         cos_sin = self.rope.cos_sin(batch.positions)
+        bias = self.attention_bias(batch)
         for layer in range(start, end):
-            hidden = self.attention_half(layer, hidden, batch, cache, cos_sin)
+            hidden = self.attention_half(layer, hidden, batch, cache, cos_sin, bias)
             hidden = self.ffn_half(layer, hidden)
         return hidden
 
