@@ -1,7 +1,7 @@
 """The ``outrider`` command line (control plane).
 
-One parser, one function per subcommand. Today there is ``generate``; ``serve`` and ``bench``
-join later as siblings (add a ``_add_<name>`` parser builder and a ``_run_<name>`` function).
+One parser, one function per subcommand: ``generate`` and ``bench`` (``cluster.bench``); ``serve``
+joins later as a sibling (add a ``_add_<name>`` parser builder and a ``_run_<name>`` function).
 
 Invariants:
 
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(commands)
+    _add_bench(commands)
     return parser
 
 
@@ -390,6 +391,122 @@ def _summary(result: dict) -> str:
                      f"{result['num_draft_tokens']} per step)")
     parts.append(f"finish: {result['finish_reason']}")
     return "[outrider] " + " · ".join(parts)
+
+
+# ----------------------------------------------------------------- bench
+_BENCH_EXAMPLES = """\
+examples:
+  # the demo model (SmolLM2-135M-Instruct), every scenario, 1 prompt per Spec-Bench category
+  outrider bench
+
+  # cost curves and our target-only vs Hugging Face on Llama shapes (random bf16 weights), on a GPU
+  outrider bench --model shape:1B --model shape:8B@lookup,oracle:0.8:shape:1B \\
+      --scenarios cost-curve,ours-target-only,ours-spec,hf-target-only --concurrency 1,4,16
+
+  # the cluster only: draft colocated on the target's GPU, taking turns and overlapping
+  outrider bench --scenarios cluster-colocated-turns,cluster-colocated-overlap --drafts self:24
+
+A model is the demo model ('demo'), a checkpoint directory, or a shape ('shape:135M', 'shape:1B',
+'shape:3B', 'shape:8B': the real configuration with random weights); 'MODEL@D1,D2' gives that model
+its own drafts, 'MODEL#S1,S2' narrows the scenarios for that model. Drafts: lookup, self:N, a
+checkpoint directory, shape:NAME, or oracle:ALPHA[:DRAFT] (emulated acceptance ALPHA: the target's
+own tokens, a seeded share replaced; DRAFT's forward passes still run). Results:
+benchmarks/results/<date>-<name>/ (results.json, results.md, PNG plots)."""
+
+
+def _add_bench(commands) -> None:
+    from cluster.bench.config import SCENARIOS
+
+    p = commands.add_parser(
+        "bench",
+        help="benchmark Outrider against target-only and Hugging Face baselines",
+        description="Measure tokens/s, accepted length, step costs and the device floor, with every\n"
+        "baseline in the same run, on the same weights and prompts (../shared/bench/PROTOCOL.md).",
+        epilog=_BENCH_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", action="append", metavar="SPEC",
+                   help="demo | checkpoint DIR | shape:NAME, optionally @DRAFT,DRAFT and #SCENARIO,SCENARIO "
+                   "(repeatable; default: demo)")
+    p.add_argument("--scenarios", metavar="LIST", default=",".join(SCENARIOS),
+                   help=f"comma-separated, from: {', '.join(SCENARIOS)} (default: all)")
+    p.add_argument("--drafts", metavar="LIST",
+                   help="drafts of the speculative rows (default: lookup and self:0.8L for a checkpoint; "
+                   "lookup, self:L/4 and oracle:0.8:self:L/4 for a shape)")
+    p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K", help="draft tokens per step (default: 4)")
+    p.add_argument("--adaptive", choices=("off", "on", "both"), default="off",
+                   help="cluster rows: goodput-adaptive speculation length (off = fixed K; default: off)")
+    p.add_argument("--concurrency", default="1,4,16", metavar="LIST",
+                   help="closed-loop concurrency levels (default: 1,4,16)")
+    p.add_argument("--max-tokens", type=int, default=64, metavar="N", help="new tokens per request (default: 64)")
+    p.add_argument("--max-prompt-tokens", type=int, default=512, metavar="N",
+                   help="prompts are cut to their last N tokens (default: 512)")
+    p.add_argument("--prompts", metavar="FILE", help="Spec-Bench jsonl (default: ../shared/data/specbench-dev.jsonl)")
+    p.add_argument("--per-category", type=int, default=1, metavar="N",
+                   help="prompts per Spec-Bench category; 0 = all (default: 1)")
+    p.add_argument("--categories", metavar="LIST", help="only these categories")
+    p.add_argument("--repetitions", type=int, default=3, metavar="N", help="timed repetitions per row (default: 3)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up pass of each row")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer for checkpoints without one (shapes)")
+    p.add_argument("--shape-dir", metavar="DIR", help="where shape checkpoints are written (default: a temp dir)")
+    p.add_argument("--seed", type=int, default=0, help="seed of shape weights, synthetic prompts and the oracle")
+    p.add_argument("--num-gpus", type=int, metavar="N", help="GPUs to declare for the local Ray (fake GPUs on CPU)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="N", help="Ray CPUs per worker (default 1)")
+    p.add_argument("--cost-batches", default="1,4,16", metavar="LIST", help="cost curve batch sizes (default: 1,4,16)")
+    p.add_argument("--cost-tokens", default="1,2,4,8,16,32,64", metavar="LIST",
+                   help="cost curve tokens per sequence (default: 1,2,4,...,64)")
+    p.add_argument("--cost-context", type=int, default=256, metavar="N", help="cost curve context tokens (default 256)")
+    p.add_argument("--time-limit-s", type=float, metavar="S", help="skip what would start after S seconds")
+    p.add_argument("--name", default="bench", help="results folder suffix (default: bench)")
+    p.add_argument("--out", metavar="DIR", help="results folder (default: benchmarks/results/<date>-<name>)")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    p.set_defaults(run=_run_bench)
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"{flag} {text}: expected comma-separated integers") from None
+    if not values or min(values) < 1:
+        raise CliError(f"{flag} {text}: expected positive integers")
+    return values
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from cluster.bench import BenchConfig, run_bench
+
+    split = (lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None)
+    config = BenchConfig(
+        models=args.model or ["demo"], scenarios=split(args.scenarios), drafts=split(args.drafts),
+        num_draft_tokens=args.num_draft_tokens, adaptive=args.adaptive,
+        concurrency=_int_list("--concurrency", args.concurrency), max_tokens=args.max_tokens,
+        max_prompt_tokens=args.max_prompt_tokens, prompts_file=args.prompts,
+        per_category=args.per_category or None, categories=split(args.categories), repetitions=args.repetitions,
+        warmup=not args.no_warmup, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+        shape_dir=args.shape_dir, seed=args.seed, num_gpus=args.num_gpus, cpus_per_worker=args.cpus_per_worker,
+        cost_batches=_int_list("--cost-batches", args.cost_batches),
+        cost_tokens=_int_list("--cost-tokens", args.cost_tokens), cost_context=args.cost_context,
+        time_limit_s=args.time_limit_s, name=args.name, out_dir=args.out, plots=not args.no_plots)
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CliError("--device cuda: no CUDA device is available")
+    try:
+        results = run_bench(config)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"[outrider] bench: {sum(len(m['rows']) for m in results['models'])} rows, "
+          f"{len(results['errors'])} errors, {len(results['skipped'])} skipped", file=sys.stderr)
+    print(results["out_dir"])
+    return 1 if results["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,339 @@
+"""The measured runs: our reference loop, Hugging Face ``generate``, the cluster, the cost curve.
+
+Every runner takes the same requests (prompt token ids, indexed by prompt) and the same greedy
+limits, and returns one *measurement*: per repetition the wall time, the tokens and per-request
+numbers; the greedy outputs of the first repetition (checked against target-only by the caller).
+
+* ``run_ours``: ``actors.spec.reference.generate`` in this process; concurrency c = the requests
+  are generated in static batches of c (a closed loop in which a batch ends together);
+* ``run_hf``: ``model.generate`` one request at a time (target-only, ``assistant_model=`` or
+  ``prompt_lookup_num_tokens=``; transformers' assisted modes take batch 1 only);
+* ``run_cluster``: ``Cluster.generate`` with c concurrent clients, each sending its next request
+  when the last one finished (continuous batching in the engine), metrics read before and after;
+* ``cost_curve``: one target forward (``StepBatch.build`` + ``forward`` + rollback) over B
+  sequences x T new tokens each at a fixed context: where verification stops being free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from actors.spec import reference
+from actors.spec.types import SamplingParams
+
+
+@dataclass
+class Requests:
+    """The run's requests: prompt ids per request, the prompt index each comes from."""
+
+    prompt_ids: list[tuple[int, ...]]
+    prompt_index: list[int]
+
+    @classmethod
+    def for_concurrency(cls, prompts: list[tuple[int, ...]], concurrency: int) -> Requests:
+        n = max(len(prompts), concurrency)
+        return cls([prompts[i % len(prompts)] for i in range(n)], [i % len(prompts) for i in range(n)])
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _aggregate_stats(stats_list: list[dict]) -> dict:
+    """Mean accepted length and acceptance by draft position over several requests' stats."""
+    lengths = [x for s in stats_list for x in s.get("accepted_lengths", [])]
+    steps_by_pos: list[float] = []
+    acc_by_pos: list[float] = []
+    for s in stats_list:
+        n = len(s.get("accepted_lengths", []))
+        for j, rate in enumerate(s.get("acceptance_by_position", [])):
+            if j >= len(steps_by_pos):
+                steps_by_pos.append(0.0)
+                acc_by_pos.append(0.0)
+            steps_by_pos[j] += n
+            acc_by_pos[j] += rate * n
+    hist: dict[int, int] = {}
+    for x in lengths:
+        hist[x] = hist.get(x, 0) + 1
+    return {
+        "verify_steps": len(lengths),
+        "mean_accepted_length": sum(lengths) / len(lengths) if lengths else None,
+        "acceptance_by_position": [a / s if s else 0.0 for a, s in zip(acc_by_pos, steps_by_pos)],
+        "accepted_length_hist": {str(k): v for k, v in sorted(hist.items())},
+    }
+
+
+# ---------------------------------------------------------------------------- ours (reference loop)
+def run_ours(target, requests: Requests, concurrency: int, params: SamplingParams, *, proposer=None,
+             num_draft_tokens: int = 4, repetitions: int = 3, warmup: bool = True, oracle_refs=None,
+             device="cpu", generate_fn=None) -> dict:
+    """``oracle_refs``: {prompt index: target-only output}, bound into an ``OracleProposer``."""
+    gen = generate_fn or reference.generate
+    chunks = [list(range(i, min(i + concurrency, len(requests)))) for i in range(0, len(requests), concurrency)]
+
+    def one_pass(max_tokens: int | None = None, only_first: bool = False) -> tuple[list, list, list]:
+        p = params if max_tokens is None else SamplingParams(max_tokens=max_tokens,
+                                                             stop_token_ids=params.stop_token_ids)
+        outputs: list = [None] * len(requests)
+        chunk_s = []
+        for chunk in chunks[:1] if only_first else chunks:
+            if oracle_refs is not None:
+                for j, i in enumerate(chunk):
+                    pi = requests.prompt_index[i]
+                    proposer.bind(j, str(pi), len(requests.prompt_ids[i]), oracle_refs[pi])
+            sync(device)
+            t0 = time.perf_counter()
+            results = gen(target, [list(requests.prompt_ids[i]) for i in chunk], p, proposer=proposer,
+                          num_draft_tokens=num_draft_tokens)
+            sync(device)
+            chunk_s.append(time.perf_counter() - t0)
+            for i, r in zip(chunk, results):
+                outputs[i] = r
+        return outputs, chunk_s, chunks[:1] if only_first else chunks
+
+    if warmup:
+        one_pass(max_tokens=min(8, params.max_tokens), only_first=True)
+    reps = []
+    first_outputs = None
+    for _ in range(repetitions):
+        outputs, chunk_s, used = one_pass()
+        if first_outputs is None:
+            first_outputs = outputs
+        tokens = sum(len(r.token_ids) for r in outputs)
+        wall = sum(chunk_s)
+        per_request = []
+        for chunk, secs in zip(used, chunk_s):
+            for i in chunk:
+                r = outputs[i]
+                per_request.append({"request": i, "prompt": requests.prompt_index[i], "tokens": len(r.token_ids),
+                                    "seconds": secs if concurrency == 1 else None,
+                                    "forward_passes": r.stats["target_forward_passes"],
+                                    "accepted_length_sum": sum(r.stats["accepted_lengths"]),
+                                    "verify_steps": len(r.stats["accepted_lengths"])})
+        reps.append({"wall_s": wall, "chunk_s": chunk_s, "tokens": tokens, "tok_s": tokens / wall if wall else 0.0,
+                     "forward_passes": sum(r.stats["target_forward_passes"] for r in outputs),
+                     "per_request": per_request, **_aggregate_stats([r.stats for r in outputs])})
+    return {"reps": reps, "outputs": [list(r.token_ids) for r in first_outputs]}
+
+
+# ---------------------------------------------------------------------------- Hugging Face
+def load_hf(path, dtype, device, num_hidden_layers: int | None = None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+    return model.to(device).eval()
+
+
+def hf_generation_config(model, params: SamplingParams, **extra):
+    import copy
+
+    gc = copy.deepcopy(model.generation_config)
+    gc.do_sample = False
+    gc.temperature, gc.top_p, gc.top_k = None, None, None
+    gc.max_new_tokens = params.max_tokens
+    gc.min_new_tokens = None
+    gc.eos_token_id = list(params.stop_token_ids) or None
+    gc.pad_token_id = params.stop_token_ids[0] if params.stop_token_ids else 0
+    for k, v in extra.items():
+        setattr(gc, k, v)
+    return gc
+
+
+@torch.inference_mode()
+def run_hf(model, requests: Requests, params: SamplingParams, *, assistant=None, lookup_tokens: int | None = None,
+           num_draft_tokens: int = 4, repetitions: int = 3, warmup: bool = True, device="cpu") -> dict:
+    extra = {}
+    if lookup_tokens:
+        extra["prompt_lookup_num_tokens"] = lookup_tokens
+        extra["max_matching_ngram_size"] = 3  # as ours (PromptLookupProposer max_ngram=3)
+    if assistant is not None:
+        agc = assistant.generation_config
+        agc.num_assistant_tokens = num_draft_tokens
+        agc.num_assistant_tokens_schedule = "constant"  # a fixed k, like ours with adaptive off
+        if hasattr(agc, "assistant_confidence_threshold"):
+            agc.assistant_confidence_threshold = 0.0
+    gc = hf_generation_config(model, params, **extra)
+
+    def one(i: int, gc_used) -> tuple[list[int], float]:
+        ids = torch.tensor([list(requests.prompt_ids[i])], device=device)
+        sync(device)
+        t0 = time.perf_counter()
+        kwargs = {"assistant_model": assistant} if assistant is not None else {}
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc_used, **kwargs)
+        sync(device)
+        return out[0, ids.shape[1]:].tolist(), time.perf_counter() - t0
+
+    if warmup:
+        import copy
+
+        short = copy.deepcopy(gc)
+        short.max_new_tokens = min(8, params.max_tokens)
+        one(0, short)
+    reps, first = [], None
+    for _ in range(repetitions):
+        outputs, per_request = [], []
+        for i in range(len(requests)):
+            ids, secs = one(i, gc)
+            outputs.append(ids)
+            per_request.append({"request": i, "prompt": requests.prompt_index[i], "tokens": len(ids), "seconds": secs})
+        first = first or outputs
+        wall = sum(r["seconds"] for r in per_request)
+        tokens = sum(r["tokens"] for r in per_request)
+        reps.append({"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall if wall else 0.0,
+                     "per_request": per_request})
+    return {"reps": reps, "outputs": first}
+
+
+# ---------------------------------------------------------------------------- the cluster
+def _metric(snap: dict, name: str, labels: str | None = None) -> float:
+    value = snap.get(name)
+    if labels is not None:
+        return float((value or {}).get(labels, 0.0))
+    return float(value or 0.0)
+
+
+def _metric_delta(before: dict, after: dict, max_positions: int) -> dict:
+    steps = _metric(after, "outrider_engine_steps_total") - _metric(before, "outrider_engine_steps_total")
+    vsum = _metric(after, "outrider_verify_step_seconds_sum") - _metric(before, "outrider_verify_step_seconds_sum")
+    vcount = (_metric(after, "outrider_verify_step_seconds_count")
+              - _metric(before, "outrider_verify_step_seconds_count"))
+    dsum = _metric(after, "outrider_draft_step_seconds_sum") - _metric(before, "outrider_draft_step_seconds_sum")
+    dcount = _metric(after, "outrider_draft_step_seconds_count") - _metric(before, "outrider_draft_step_seconds_count")
+    tested, accepted = [], []
+    for j in range(1, max_positions + 1):
+        lab = f"position={j}"
+        tested.append(_metric(after, "outrider_spec_position_tested_total", lab)
+                      - _metric(before, "outrider_spec_position_tested_total", lab))
+        accepted.append(_metric(after, "outrider_spec_position_accepted_total", lab)
+                        - _metric(before, "outrider_spec_position_accepted_total", lab))
+    overlap = {o: _metric(after, "outrider_overlap_speculations_total", f"outcome={o}")
+               - _metric(before, "outrider_overlap_speculations_total", f"outcome={o}") for o in ("hit", "miss")}
+    return {"engine_steps": steps, "verify_s_sum": vsum, "verify_count": vcount, "draft_s_sum": dsum,
+            "draft_count": dcount, "position_tested": tested, "position_accepted": accepted, "overlap": overlap}
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+
+def run_cluster(cluster, requests: Requests, concurrency: int, params: SamplingParams, *, repetitions: int = 3,
+                warmup: bool = True, max_positions: int = 4) -> dict:
+    def closed_loop(reqs: list[int], p: SamplingParams):
+        async def main():
+            todo = list(reqs)
+            results: dict[int, tuple] = {}
+
+            async def client():
+                while todo:
+                    i = todo.pop(0)
+                    t0 = time.perf_counter()
+                    stream = await cluster.generate(list(requests.prompt_ids[i]), p, ignore_eos=True)
+                    out = await stream.result()
+                    results[i] = (out, time.perf_counter() - t0)
+
+            await asyncio.gather(*(client() for _ in range(min(concurrency, len(reqs)))))
+            return results
+
+        return asyncio.run(main())
+
+    if warmup:
+        closed_loop(list(range(min(concurrency, len(requests)))),
+                    SamplingParams(max_tokens=min(8, params.max_tokens), stop_token_ids=params.stop_token_ids))
+        cluster.wait_idle(60)
+    reps, first = [], None
+    for _ in range(repetitions):
+        before = cluster.metrics_snapshot()
+        t0 = time.perf_counter()
+        results = closed_loop(list(range(len(requests))), params)
+        wall = time.perf_counter() - t0
+        cluster.wait_idle(60)
+        after = cluster.metrics_snapshot()
+        outs = [results[i][0] for i in range(len(requests))]
+        if first is None:
+            first = [list(o.token_ids) for o in outs]
+        tokens = sum(len(o.token_ids) for o in outs)
+        delta = _metric_delta(before, after, max_positions)
+        step_s = wall / delta["engine_steps"] if delta["engine_steps"] else None
+        forward_s = delta["verify_s_sum"] / delta["verify_count"] if delta["verify_count"] else None
+        overhead = (step_s - forward_s) / step_s if step_s and forward_s is not None else None
+        ttft = [o.ttft_s for o in outs if o.ttft_s is not None]
+        tpot = [(o.latency_s - o.ttft_s) / (len(o.token_ids) - 1) for o in outs
+                if o.latency_s is not None and o.ttft_s is not None and len(o.token_ids) > 1]
+        reps.append({
+            "wall_s": wall, "tokens": tokens, "tok_s": tokens / wall if wall else 0.0,
+            "per_request": [{"request": i, "prompt": requests.prompt_index[i], "tokens": len(outs[i].token_ids),
+                             "seconds": results[i][1] if concurrency == 1 else None,
+                             "latency_s": outs[i].latency_s, "ttft_s": outs[i].ttft_s,
+                             "forward_passes": outs[i].stats["target_forward_passes"],
+                             "accepted_length_sum": sum(outs[i].stats["accepted_lengths"]),
+                             "verify_steps": len(outs[i].stats["accepted_lengths"])}
+                            for i in range(len(requests))],
+            "metrics": delta, "wall_per_step_s": step_s, "forward_per_step_s": forward_s,
+            "control_plane_share": overhead,
+            "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
+            "tpot_p50_s": _pct(tpot, 0.5), "tpot_p99_s": _pct(tpot, 0.99),
+            **_aggregate_stats([o.stats for o in outs]),
+        })
+        tested, acc = delta["position_tested"], delta["position_accepted"]
+        reps[-1]["acceptance_by_position"] = [a / t if t else 0.0 for a, t in zip(acc, tested) if t]
+    return {"reps": reps, "outputs": first}
+
+
+# ---------------------------------------------------------------------------- cost curve
+@torch.inference_mode()
+def cost_curve(model, *, batches: list[int], tokens: list[int], context: int, repetitions: int = 5,
+               device="cpu", seed: int = 0) -> list[dict]:
+    """Median seconds of one forward over B sequences x T new tokens (chains), context ``context``."""
+    from actors.step_batch import SeqStep, StepBatch
+
+    max_b, max_t = max(batches), max(tokens)
+    block = 16
+    per_seq = context + max_t + 2 * block
+    cache = model.make_kv_cache(max_b * per_seq * model.kv_bytes_per_token, block_size=block)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    for b in range(max_b):
+        cache.add_sequence(b)
+    prefill = StepBatch.build(cache, [SeqStep(b, torch.randint(3, vocab, (context,), generator=gen).tolist(),
+                                              logits="none") for b in range(max_b)])
+    model.forward(prefill, cache)
+    for b in range(max_b):
+        cache.commit(b)
+    sync(device)
+    rows = []
+    for B in batches:
+        for T in tokens:
+            ids = [torch.randint(3, vocab, (T,), generator=gen).tolist() for _ in range(B)]
+
+            def step(ids=ids, B=B):
+                batch = StepBatch.build(cache, [SeqStep(b, ids[b]) for b in range(B)])
+                model.forward(batch, cache)
+                for b in range(B):
+                    cache.commit(b, [])
+
+            step()
+            sync(device)
+            times = []
+            for _ in range(repetitions):
+                t0 = time.perf_counter()
+                step()
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            rows.append({"batch": B, "tokens_per_seq": T, "context": context, "median_s": statistics.median(times),
+                         "min_s": min(times), "max_s": max(times), "raw_s": times})
+    for b in range(max_b):
+        cache.free(b)
+    return rows
