@@ -409,7 +409,7 @@ examples:
 A model is the demo model ('demo'), a checkpoint directory, or a shape ('shape:135M', 'shape:1B',
 'shape:3B', 'shape:8B': the real configuration with random weights); 'MODEL@D1,D2' gives that model
 its own drafts, 'MODEL#S1,S2' narrows the scenarios for that model. Drafts: lookup, self:N, a
-checkpoint directory, shape:NAME, or oracle:ALPHA[:DRAFT] (emulated acceptance ALPHA: the target's
+checkpoint directory, shape:NAME, or oracle:ALPHA:DRAFT (emulated acceptance ALPHA: the target's
 own tokens, a seeded share replaced; DRAFT's forward passes still run). Results:
 benchmarks/results/<date>-<name>/ (results.json, results.md, PNG plots)."""
 
@@ -433,6 +433,9 @@ def _add_bench(commands) -> None:
     p.add_argument("--drafts", metavar="LIST",
                    help="drafts of the speculative rows (default: lookup and self:0.8L for a checkpoint; "
                    "lookup, self:L/4 and oracle:0.8:self:L/4 for a shape)")
+    p.add_argument("--cluster-draft", metavar="SPEC",
+                   help="draft of the cluster rows (default: a shape's first oracle draft, else the first "
+                   "model draft)")
     p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K", help="draft tokens per step (default: 4)")
     p.add_argument("--adaptive", choices=("off", "on", "both"), default="off",
                    help="cluster rows: goodput-adaptive speculation length (off = fixed K; default: off)")
@@ -481,6 +484,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     split = (lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None)
     config = BenchConfig(
         models=args.model or ["demo"], scenarios=split(args.scenarios), drafts=split(args.drafts),
+        cluster_draft=args.cluster_draft,
         num_draft_tokens=args.num_draft_tokens, adaptive=args.adaptive,
         concurrency=_int_list("--concurrency", args.concurrency), max_tokens=args.max_tokens,
         max_prompt_tokens=args.max_prompt_tokens, prompts_file=args.prompts,

@@ -14,9 +14,9 @@ import pytest
 import ray
 
 from actors.spec import reference
+from actors.spec.proposers import parse_draft_spec
 from cluster.bench import BenchConfig, greedy_match, run_bench
 from cluster.bench.models import shape_hf_config, shape_tensor_shapes
-from cluster.bench.oracle import parse_oracle_spec
 from cluster.cli import main
 from tests.tiny_models import write_tiny_checkpoint
 
@@ -57,7 +57,7 @@ def test_greedy_match_counts():
 def test_every_scenario_kind(ray_local, checkpoint, tmp_path):
     scenarios = ["cost-curve", "ours-target-only", "ours-spec", "hf-target-only", "hf-assisted", "hf-lookup",
                  "cluster-colocated-turns", "cluster-separate-overlap"]
-    results = run_bench(tiny_config(checkpoint, tmp_path, scenarios=scenarios,
+    results = run_bench(tiny_config(checkpoint, tmp_path, scenarios=scenarios, cluster_draft="oracle:0.9:self:1",
                                     drafts=["lookup", "self:1", "oracle:0.9:self:1"]))
     assert results["errors"] == []
     assert ray.is_initialized()  # the harness joined the module's Ray and left it running
@@ -67,13 +67,16 @@ def test_every_scenario_kind(ray_local, checkpoint, tmp_path):
     for draft in ("lookup", "self:1", "oracle:0.9:self:1"):
         assert {("ours-spec", draft, 1), ("ours-spec", draft, 2)} <= seen
     assert {("ours-target-only", "none", 1), ("ours-target-only", "none", 2), ("hf-target-only", "none", 1),
-            ("hf-lookup", "lookup", 1), ("hf-assisted", "self:1", 1), ("cluster-colocated-turns", "self:1", 1),
-            ("cluster-colocated-turns", "self:1", 2), ("cluster-separate-overlap", "self:1", 2)} <= seen
+            ("hf-lookup", "lookup", 1), ("hf-assisted", "self:1", 1)} <= seen
+    oracle = "oracle:0.9:self:1"  # the cluster rows: emulated acceptance through the draft worker
+    assert {("cluster-colocated-turns", oracle, 1), ("cluster-colocated-turns", oracle, 2),
+            ("cluster-separate-overlap", oracle, 2)} <= seen
     for row in rows:  # fp32: every configuration reproduces target-only exactly
         assert row["greedy"]["mismatched_requests"] == 0, row["scenario"]
         assert row["tok_s"]["median"] > 0
-    oracle = next(r for r in rows if r["draft"].startswith("oracle") and r["concurrency"] == 1)
-    assert oracle["emulated_alpha"] == 0.9 and oracle["mean_accepted_length"]["median"] > 2
+    for row in rows:
+        if row["draft"].startswith("oracle"):
+            assert row["emulated_alpha"] == 0.9 and row["mean_accepted_length"]["median"] > 1.5, row["scenario"]
     for row in rows:
         if row["scenario"].startswith("cluster"):
             assert row["reps"][0]["metrics"]["engine_steps"] > 0
@@ -133,7 +136,6 @@ def test_shapes_and_oracle_spec():
     assert 7.9e9 < params < 8.1e9  # Llama-3.1-8B: 8.03 B parameters
     one_b = shape_tensor_shapes(shape_hf_config("1B"))
     assert 1.2e9 < sum(s[0] * (s[1] if len(s) > 1 else 1) for s in one_b.values()) < 1.3e9  # tied: 1.24 B
-    assert parse_oracle_spec("oracle:0.8") == (0.8, "none")
-    assert parse_oracle_spec("oracle:0.5:self:4") == (0.5, "self:4")
+    assert parse_draft_spec("oracle:0.5:self:4") == ("oracle", (0.5, "self:4"))
     with pytest.raises(ValueError):
-        parse_oracle_spec("oracle:1.5")
+        parse_draft_spec("oracle:1.5:self:4")

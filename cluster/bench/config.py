@@ -23,6 +23,7 @@ class BenchConfig:
     models: list[str] = field(default_factory=lambda: [DEMO])  # "demo", a path, or "shape:NAME"; "@d1,d2" = drafts
     scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
     drafts: list[str] | None = None  # default: per model (see default_drafts)
+    cluster_draft: str | None = None  # the cluster rows' draft; default: see runner.cluster_draft
     num_draft_tokens: int = 4
     adaptive: str = "off"  # cluster speculation length: off (fixed k) | on | both
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])

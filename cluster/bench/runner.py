@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import json
 import os
 import platform
 import statistics
@@ -42,8 +43,6 @@ from cluster.bench.models import (
     weight_bytes_per_step,
     write_shape_checkpoint,
 )
-from cluster.bench.oracle import PREFIX as ORACLE_PREFIX
-from cluster.bench.oracle import OracleProposer, parse_oracle_spec
 from cluster.bench.workload import encode, find_specbench, load_specbench
 
 
@@ -125,18 +124,36 @@ def default_drafts(num_layers: int, is_shape: bool) -> list[str]:
     return ["lookup", f"self:{max(1, round(num_layers * 0.8))}"]
 
 
+ORACLE_PREFIX = "oracle:"
+
+
+def oracle_alpha(draft: str) -> float | None:
+    """The emulated acceptance rate of an ``oracle:ALPHA:DRAFT`` spec (None for real drafts)."""
+    from actors.spec.proposers import parse_draft_spec
+
+    kind, value = parse_draft_spec(draft) if draft.startswith(ORACLE_PREFIX) else ("", None)
+    return value[0] if kind == "oracle" else None
+
+
 def model_draft(drafts: list[str]) -> str | None:
-    """The draft a cluster / HF assisted row uses: the first model draft (self:N, a path or a
-    shape), else the model draft inside the first oracle spec."""
+    """The draft model a Hugging Face assisted row uses: the first model draft (self:N or a
+    checkpoint), else the model inside the first oracle spec."""
     for d in drafts:
         if d not in ("none", "lookup") and not d.startswith(ORACLE_PREFIX):
             return d
     for d in drafts:
         if d.startswith(ORACLE_PREFIX):
-            inner = parse_oracle_spec(d)[1]
-            if inner not in ("none", "lookup"):
-                return inner
+            return d.removeprefix(ORACLE_PREFIX).partition(":")[2]
     return None
+
+
+def cluster_draft(drafts: list[str], is_shape: bool) -> str | None:
+    """The cluster rows' draft: on a shape (random weights) the first oracle draft (emulated
+    acceptance; a real draft accepts nothing there), else the first model draft."""
+    oracles = [d for d in drafts if d.startswith(ORACLE_PREFIX)]
+    models = [d for d in drafts if d not in ("none", "lookup") and not d.startswith(ORACLE_PREFIX)]
+    order = oracles + models if is_shape else models + oracles
+    return order[0] if order else None
 
 
 def _median_spread(values: list[float]) -> dict:
@@ -208,7 +225,7 @@ class BenchRun:
     def resolve_draft(self, spec: str) -> str:
         """A draft spec with ``shape:NAME`` parts replaced by the shape's checkpoint path."""
         if spec.startswith(ORACLE_PREFIX):
-            alpha, inner = parse_oracle_spec(spec)
+            alpha, _, inner = spec.removeprefix(ORACLE_PREFIX).partition(":")
             return f"{ORACLE_PREFIX}{alpha}:{self.resolve_draft(inner)}"
         if spec.startswith(SHAPE_PREFIX):
             return str(self._shape_path(spec))
@@ -218,12 +235,9 @@ class BenchRun:
         from actors.spec.proposers import build_proposer
 
         budget = 4 * (self.config.max_prompt_tokens + self.config.max_tokens + 64) * max(self.config.concurrency)
-        if spec.startswith(ORACLE_PREFIX):
-            alpha, inner = parse_oracle_spec(spec)
-            inner_proposer = self.build_proposer(inner, target, path) if inner != "none" else None
-            return OracleProposer(alpha, target.config.vocab_size, inner=inner_proposer, seed=self.config.seed)
         return build_proposer(spec, target, target_path=path, dtype=self.dtype, device=self.device,
-                              kv_budget_tokens=budget)
+                              kv_budget_tokens=budget,
+                              oracle_continuations=self.continuations if spec.startswith(ORACLE_PREFIX) else None)
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -340,6 +354,8 @@ class BenchRun:
         ref_meas = sc.run_ours(target, reqs1, 1, params, repetitions=cfg.repetitions if timed else 1,
                                warmup=cfg.warmup, device=self.device)
         self.reference = ref_meas["outputs"]
+        # what the oracle drafter replays (actors.spec.oracle): the target's own greedy outputs
+        self.continuations = [{"prompt": list(p), "output": list(o)} for p, o in zip(prompts, self.reference)]
         model_rec["reference_outputs"] = self.reference
         if timed:
             self._add_row(model_rec, "ours-target-only", "none", 0, None, 1, ref_meas, reqs1, encoded)
@@ -399,19 +415,15 @@ class BenchRun:
         cfg = self.config
         reqs = sc.Requests.for_concurrency(prompts, c)
         _log(f"{model_rec['label']}: ours-spec {draft} k={cfg.num_draft_tokens} c={c}")
-        oracle_refs = ({i: self.reference[i] for i in range(len(prompts))}
-                       if isinstance(proposer, OracleProposer) else None)
         meas = sc.run_ours(target, reqs, c, params, proposer=proposer, num_draft_tokens=cfg.num_draft_tokens,
-                           repetitions=cfg.repetitions, warmup=cfg.warmup, oracle_refs=oracle_refs, device=self.device)
-        row = self._add_row(model_rec, "ours-spec", draft, cfg.num_draft_tokens, None, c, meas, reqs, encoded)
-        if isinstance(proposer, OracleProposer):
-            row["emulated_alpha"] = proposer.alpha
+                           repetitions=cfg.repetitions, warmup=cfg.warmup, device=self.device)
+        self._add_row(model_rec, "ours-spec", draft, cfg.num_draft_tokens, None, c, meas, reqs, encoded)
 
     # ------------------------------------------------------------------ rows
     def _add_row(self, model_rec, scenario, draft, k, adaptive, c, meas, reqs, encoded, extra=None) -> dict:
         reps = meas["reps"]
         row = {"scenario": scenario, "draft": draft, "k": k, "adaptive": adaptive, "concurrency": c,
-               "requests": len(reqs), "reps": reps, **(extra or {})}
+               "requests": len(reqs), "emulated_alpha": oracle_alpha(draft), "reps": reps, **(extra or {})}
         row["greedy"] = greedy_match(self.reference, meas["outputs"], reqs.prompt_index)
         row["tok_s"] = _median_spread([r["tok_s"] for r in reps])
         row["wall_s"] = _median_spread([r["wall_s"] for r in reps])
@@ -557,7 +569,14 @@ class BenchRun:
         label, k = model_rec["label"], cfg.num_draft_tokens
         self._ensure_ray()
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        draft = model_draft(drafts)
+        draft = cfg.cluster_draft or cluster_draft(drafts, model_rec["is_shape"])
+        if draft is not None:
+            draft = self.resolve_draft(draft)
+        oracle_file = None
+        if draft is not None and draft.startswith(ORACLE_PREFIX):
+            with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="outrider-oracle-", delete=False) as f:
+                json.dump(self.continuations, f)
+            oracle_file = Path(f.name)
         cmax = max(cfg.concurrency)
         longest = max(len(p) for p in prompts)
         kv_tokens = cmax * (longest + cfg.max_tokens + 4 * k + 64) + 256
@@ -587,6 +606,8 @@ class BenchRun:
                           "kv_budget_tokens": kv_tokens, "max_running": cmax, "max_waiting": max(256, 4 * cmax),
                           "cpus_per_worker": cfg.cpus_per_worker, "num_gpus": cfg.num_gpus,
                           "step_timeout_s": 120.0, "start_timeout_s": 300.0, **layout}
+                if uses_draft and oracle_file is not None:
+                    fields["oracle_continuations"] = str(oracle_file)
                 fields["draft"] = draft if uses_draft else "none"
                 try:
                     _log(f"{what}: starting the cluster")
@@ -609,6 +630,8 @@ class BenchRun:
                                                  "workers": devices})
                 except Exception as exc:  # noqa: BLE001
                     self._error(what, exc)
+        if oracle_file is not None:
+            oracle_file.unlink(missing_ok=True)
 
 
 def run_bench(config: BenchConfig) -> dict:

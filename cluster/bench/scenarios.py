@@ -74,9 +74,8 @@ def _aggregate_stats(stats_list: list[dict]) -> dict:
 
 # ---------------------------------------------------------------------------- ours (reference loop)
 def run_ours(target, requests: Requests, concurrency: int, params: SamplingParams, *, proposer=None,
-             num_draft_tokens: int = 4, repetitions: int = 3, warmup: bool = True, oracle_refs=None,
-             device="cpu", generate_fn=None) -> dict:
-    """``oracle_refs``: {prompt index: target-only output}, bound into an ``OracleProposer``."""
+             num_draft_tokens: int = 4, repetitions: int = 3, warmup: bool = True, device="cpu",
+             generate_fn=None) -> dict:
     gen = generate_fn or reference.generate
     chunks = [list(range(i, min(i + concurrency, len(requests)))) for i in range(0, len(requests), concurrency)]
 
@@ -86,10 +85,6 @@ def run_ours(target, requests: Requests, concurrency: int, params: SamplingParam
         outputs: list = [None] * len(requests)
         chunk_s = []
         for chunk in chunks[:1] if only_first else chunks:
-            if oracle_refs is not None:
-                for j, i in enumerate(chunk):
-                    pi = requests.prompt_index[i]
-                    proposer.bind(j, str(pi), len(requests.prompt_ids[i]), oracle_refs[pi])
             sync(device)
             t0 = time.perf_counter()
             results = gen(target, [list(requests.prompt_ids[i]) for i in chunk], p, proposer=proposer,
