@@ -36,7 +36,7 @@ import torch
 from actors.spec.sampling import make_generator
 from actors.spec.types import Proposal, SamplingParams
 from actors.spec.verify import verify
-from actors.step_batch import SeqStep, StepBatch
+from actors.step_batch import SeqStep
 from actors.transport import (
     PeerLostError,
     Transport,
@@ -89,6 +89,9 @@ class TargetWorker:
         self.model = load_model(self.model_path, dtype=self.dtype, device=self.device, **kwargs)
         self.cache = self.model.make_kv_cache(self.kv_budget_tokens * self.model.kv_bytes_per_token,
                                               block_size=self.block_size)
+        from actors.model.graph_runner import GraphRunner
+
+        self.runner = GraphRunner(self.model, self.cache)  # CUDA graphs on a GPU, eager elsewhere
 
     # ----------------------------------------------------------------- set-up
     def info(self) -> dict:
@@ -142,8 +145,8 @@ class TargetWorker:
         if not steps:
             return {"results": {}, "draft_link": self.link is not None}
         t0 = time.perf_counter()
-        batch = StepBatch.build(self.cache, steps)
-        logits = self.model.forward(batch, self.cache)
+        batch = self.runner.build(steps)
+        logits = self.runner.forward(batch)
         if self.tp_rank != LEADER:
             return self._follow(new, plan)
         rows = batch.split_logits(logits)

@@ -210,36 +210,9 @@ def _runner_generate(model, prompts, params, *, mode, num_draft=3):
 
 
 def _patch_proposer(proposer, runner):
-    """Route a DraftModelProposer's forwards through a runner (what the draft worker would do)."""
-    import actors.spec.proposers as proposers_module
-
-    class _Shim:
-        @staticmethod
-        def build(cache, steps):
-            assert cache is proposer.cache
-            return runner.build(steps)
-
-    class _Model:
-        def __init__(self, model):
-            self._model = model
-
-        def forward(self, batch, cache):
-            return runner.forward(batch)
-
-        def __getattr__(self, name):
-            return getattr(self._model, name)
-
-    proposer.model = _Model(proposer.model)
-
-    def propose(requests, shape):
-        saved = proposers_module.StepBatch
-        proposers_module.StepBatch = _Shim
-        try:
-            return proposer.propose(requests, shape)
-        finally:
-            proposers_module.StepBatch = saved
-
-    return propose
+    """Route a DraftModelProposer's forwards through the given runner (it holds one of its own)."""
+    proposer.runner = runner
+    return proposer.propose
 
 
 # --------------------------------------------------------------------------- CUDA

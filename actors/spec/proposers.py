@@ -29,7 +29,7 @@ import torch
 
 from actors.spec.sampling import make_generator, processed_probs
 from actors.spec.types import Proposal, SamplingParams
-from actors.step_batch import SeqStep, StepBatch
+from actors.step_batch import SeqStep
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,9 @@ class DraftModelProposer(Proposer):
         self.model = draft_model
         self.target_vocab_size = target_vocab_size
         self.cache = draft_model.make_kv_cache(kv_budget_bytes, block_size=block_size)
+        from actors.model.graph_runner import GraphRunner
+
+        self.runner = GraphRunner(draft_model, self.cache)  # CUDA graphs on a GPU, eager elsewhere
         self._cached_ids: dict[Hashable, list[int]] = {}
         self._generators: dict[Hashable, torch.Generator | None] = {}
 
@@ -110,8 +113,8 @@ class DraftModelProposer(Proposer):
         # Level 0: catch the draft cache up with each sequence's real tokens; the logits at the
         # last real token give the distribution of the first draft level.
         steps = [self._catch_up_step(r) for r in requests]
-        batch = StepBatch.build(self.cache, steps)
-        first_logits = self.model.forward(batch, self.cache)  # [B, V]
+        batch = self.runner.build(steps)
+        first_logits = self.runner.forward(batch)  # [B, V]
         for step in steps:
             self.cache.commit(step.req_id)  # the catch-up tokens are real
         trees = [_TreeBuilder() for _ in requests]
@@ -139,8 +142,8 @@ class DraftModelProposer(Proposer):
                 )
                 for b in order
             ]
-            batch = StepBatch.build(self.cache, steps)
-            split = batch.split_logits(self.model.forward(batch, self.cache))
+            batch = self.runner.build(steps)
+            split = batch.split_logits(self.runner.forward(batch))
             frontier_logits = dict(zip(order, split))
             frontier_nodes = new_nodes
         proposals = []

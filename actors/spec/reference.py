@@ -29,7 +29,7 @@ from actors.spec.sampling import make_generator
 from actors.spec.sequence import GenerationResult, SequenceState
 from actors.spec.types import Proposal, SamplingParams
 from actors.spec.verify import verify
-from actors.step_batch import SeqStep, StepBatch
+from actors.step_batch import SeqStep
 
 
 @dataclass
@@ -70,8 +70,11 @@ def generate(
     if kv_budget_bytes is None:
         tokens = sum(min(len(p) + sp.max_tokens + shape.num_nodes + 1, max_context + shape.num_nodes + 1) + block_size
                      for p, sp in zip(prompts, params_list))
-        kv_budget_bytes = tokens * target.kv_bytes_per_token
+        kv_budget_bytes = (tokens + block_size) * target.kv_bytes_per_token  # + the runner's scratch block
     cache = target.make_kv_cache(kv_budget_bytes, block_size=block_size)
+    from actors.model.graph_runner import GraphRunner
+
+    runner = GraphRunner(target, cache)  # CUDA graphs on a GPU, eager elsewhere
     seqs = [
         _Seq(i, list(p), sp, len(p), generator=make_generator(sp, cache.device))
         for i, (p, sp) in enumerate(zip(prompts, params_list))
@@ -80,8 +83,8 @@ def generate(
         cache.add_sequence(seq.req_id)
 
     # Prefill every prompt in one ragged step; the first token comes from the target alone.
-    batch = StepBatch.build(cache, [SeqStep(s.req_id, s.tokens, logits="last") for s in seqs])
-    logits = target.forward(batch, cache)
+    batch = runner.build([SeqStep(s.req_id, s.tokens, logits="last") for s in seqs])
+    logits = runner.forward(batch)
     for seq, row in zip(seqs, batch.split_logits(logits)):
         cache.commit(seq.req_id)
         seq.stats.target_forward_passes += 1
@@ -94,8 +97,8 @@ def generate(
             SeqStep(s.req_id, [s.tokens[-1], *p.token_ids.tolist()], parents=[-1, *(q + 1 for q in p.parents)])
             for s, p in zip(active, proposals)
         ]
-        batch = StepBatch.build(cache, steps)
-        rows = batch.split_logits(target.forward(batch, cache))
+        batch = runner.build(steps)
+        rows = batch.split_logits(runner.forward(batch))
         for seq, proposal, row in zip(active, proposals, rows):
             verdict = verify(proposal, row, seq.params, seq.generator)
             cache.commit(seq.req_id, [0, *(a + 1 for a in verdict.accepted)])
