@@ -39,10 +39,21 @@ from pathlib import Path
 
 import torch
 
-from actors.spec.proposers import DraftModelProposer, ProposeRequest, TreeShape, parse_draft_spec
+from actors.spec.proposers import (
+    DraftModelProposer,
+    ProposeRequest,
+    TreeShape,
+    parse_draft_spec,
+)
 from actors.spec.types import Proposal, SamplingParams
 from actors.target_worker import DRAFT_RANK, TARGET_RANK
-from actors.transport import Transport, assigned_gpu_ids, pack_proposals, pick_device, unpack_tokens
+from actors.transport import (
+    Transport,
+    assigned_gpu_ids,
+    pack_proposals,
+    pick_device,
+    unpack_tokens,
+)
 
 
 def load_draft_model(draft_spec: str, target_path: str, *, dtype: torch.dtype | None, device: torch.device):

@@ -217,7 +217,7 @@ class Engine:
                     self._step(admitted, running)
                 except WorkerFailure as failure:
                     self._on_target_failure(failure, admitted + running)
-        except BaseException as exc:  # noqa: BLE001 - the loop must never die silently
+        except BaseException as exc:
             log.exception("engine loop crashed")
             self._die(f"engine loop crashed: {type(exc).__name__}: {exc}")
         else:

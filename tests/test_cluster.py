@@ -302,7 +302,12 @@ NUM_SAMPLES = 3000
 
 
 def test_sampling_is_lossless_through_the_cluster(ray_local, tmp_path_factory):
-    from tests.test_spec_lossless_sampling import chi_square_pvalue, exact_joint, noise_tv, total_variation
+    from tests.test_spec_lossless_sampling import (
+        chi_square_pvalue,
+        exact_joint,
+        noise_tv,
+        total_variation,
+    )
 
     root = tmp_path_factory.mktemp("v6")
     target = write_tiny_checkpoint(root / "t", arch="llama", vocab_size=SMALL_VOCAB, num_layers=3,

@@ -5,7 +5,12 @@ import torch
 
 from actors.spec.reference import generate as reference_generate
 from actors.spec.types import Proposal, SamplingParams
-from actors.transport import pack_proposals, pack_tokens, unpack_proposals, unpack_tokens
+from actors.transport import (
+    pack_proposals,
+    pack_tokens,
+    unpack_proposals,
+    unpack_tokens,
+)
 from tests.tiny_models import write_tiny_checkpoint
 
 VOCAB = 320

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from actors.spec.proposers import ProposeRequest, Proposer, TreeShape
+from actors.spec.proposers import Proposer, ProposeRequest, TreeShape
 from actors.spec.types import Proposal
 
 
