@@ -40,7 +40,8 @@ def ray_local():
 def tiny_config(checkpoint, out, **fields):
     base = {"models": [checkpoint], "categories": ["writing", "qa"], "per_category": 1, "max_tokens": 6,
             "max_prompt_tokens": 40, "repetitions": 1, "concurrency": [1, 2], "cost_batches": [1, 2],
-            "cost_tokens": [1, 4], "cost_context": 16, "cpus_per_worker": 0, "out_dir": str(out)}
+            "cost_tokens": [1, 4], "cost_context": 16, "cpus_per_worker": 0, "out_dir": str(out),
+            "warmup": False}  # the CLI test runs the warm-up pass
     return BenchConfig(**{**base, **fields})
 
 

@@ -52,10 +52,14 @@ def _short_draft(draft: str) -> str:
     return ":".join(Path(p).name if "/" in p else p for p in parts)
 
 
-def _baseline(model: dict, concurrency: int) -> float | None:
-    for row in model["rows"]:
-        if row["scenario"] == "ours-target-only" and row["concurrency"] == concurrency:
-            return row["tok_s"]["median"]
+def _baseline(models: list[dict], model: dict, row: dict) -> float | None:
+    """Target-only tok/s of the same path at the same concurrency: cluster rows over
+    cluster-target-only, every other row over our reference loop (from any section of this model)."""
+    want = "cluster-target-only" if row["scenario"].startswith("cluster") else "ours-target-only"
+    for m in [model] + [x for x in models if x is not model and x["path"] == model["path"]]:
+        for other in m["rows"]:
+            if other["scenario"] == want and other["concurrency"] == row["concurrency"]:
+                return other["tok_s"]["median"]
     return None
 
 
@@ -90,8 +94,9 @@ def markdown(r: dict) -> str:
                        f"write, {fl['copy']['buffer_bytes'] >> 20} MiB buffer), matmul "
                        f"**{fl['matmul']['flop_per_s'] / 1e12:.2f} TFLOP/s** ({fl['matmul']['dtype']}, "
                        f"{fl['matmul']['n']}³).")]
-    lines += ["", ("Columns: tok/s = output tokens per second of the whole request set; × ours = over our "
-              "target-only at the same concurrency; τ = mean accepted length (tokens per target forward, bonus "
+    lines += ["", ("Columns: tok/s = output tokens per second of the whole request set; × base = over "
+              "target-only on the same path at the same concurrency (our reference loop; cluster rows: the "
+              "cluster's target-only); τ = mean accepted length (tokens per target forward, bonus "
               "included); floor = tok/s over the bandwidth floor's tok/s for target-only decoding at that batch "
               "(weights + KV read once per step; > 1 only through speculation); greedy = requests whose output "
               "differs from our target-only output (token match rate if any); ctrl = control-plane share of the "
@@ -113,11 +118,11 @@ def markdown(r: dict) -> str:
                          "replaced by the target's own with a seeded error rate).")
         rows = model["rows"]
         if rows:
-            lines += ["", ("| scenario | c | tok/s median (min–max) | × ours | τ | floor | greedy mismatches | "
+            lines += ["", ("| scenario | c | tok/s median (min–max) | × base | τ | floor | greedy mismatches | "
                            "ctrl | TTFT p50 ms | TPOT p50 ms | GPUs |"),
                       "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
             for row in sorted(rows, key=lambda x: (x["concurrency"], x["scenario"])):
-                base = _baseline(model, row["concurrency"])
+                base = _baseline(r["models"], model, row)
                 speed = row["tok_s"]["median"] / base if base and row["tok_s"]["median"] else None
                 lines.append(
                     f"| {row_name(row)} | {row['concurrency']} | {_spread(row['tok_s'])} | {_f(speed, '{:.2f}×')} | "
@@ -177,9 +182,13 @@ def write_plots(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = results["models"] or [{"label": "(no model)", "rows": []}]
-    n = len(models)
+    empty = [{"label": "(no data)", "rows": []}]
 
+    def with_data(test) -> list[dict]:  # one panel per model section that has data for the plot
+        return [m for m in results["models"] if test(m)] or empty
+
+    models = with_data(lambda m: any(r["tok_s"]["median"] is not None for r in m["rows"]))
+    n = len(models)
     fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         series: dict[str, list] = {}
@@ -203,6 +212,8 @@ def write_plots(results: dict, out: Path) -> None:
     fig.savefig(out / "throughput.png", dpi=110)
     plt.close(fig)
 
+    models = with_data(lambda m: bool(m.get("cost_curve")))
+    n = len(models)
     fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         curve = model.get("cost_curve") or []
@@ -223,6 +234,8 @@ def write_plots(results: dict, out: Path) -> None:
     fig.savefig(out / "cost_curve.png", dpi=110)
     plt.close(fig)
 
+    models = with_data(lambda m: any(r["concurrency"] == 1 and r.get("acceptance_by_position") for r in m["rows"]))
+    n = len(models)
     fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         drawn = False
@@ -233,7 +246,7 @@ def write_plots(results: dict, out: Path) -> None:
             ax.plot(range(1, len(acc) + 1), acc, marker="o", label=row_name(row).replace("`", ""))
             drawn = True
         ax.set_xlabel("draft position")
-        ax.set_ylabel("acceptance rate (share of steps)")
+        ax.set_ylabel("accepted / proposed at this position")
         ax.set_ylim(0, 1.05)
         ax.set_title(model["label"] + " — concurrency 1", fontsize=9)
         ax.grid(alpha=0.3)

@@ -205,7 +205,8 @@ class BenchRun:
             self.shape_dir = Path(self._tmp.name)
         name = shape_name(name)
         path = self.shape_dir / f"{name}-{str(self.dtype).removeprefix('torch.')}"
-        _log(f"writing shape {name} (random weights) to {path}")
+        if not (path / "outrider-shape.json").exists():
+            _log(f"writing shape {name} (random weights) to {path}")
         return write_shape_checkpoint(name, path, dtype=self.dtype, device=self.device, seed=self.config.seed,
                                       tokenizer_dir=self.config.tokenizer)
 
