@@ -1,7 +1,8 @@
 """The ``outrider`` command line (control plane).
 
-One parser, one function per subcommand: ``generate`` and ``bench`` (``cluster.bench``); ``serve``
-joins later as a sibling (add a ``_add_<name>`` parser builder and a ``_run_<name>`` function).
+One parser, one function per subcommand: ``generate``, ``serve`` (``cluster.serve``) and ``bench``
+(``cluster.bench``); a new command is a sibling (a ``_add_<name>`` parser builder and a
+``_run_<name>`` function).
 
 Invariants:
 
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(commands)
+    _add_serve(commands)
     _add_bench(commands)
     return parser
 
@@ -391,6 +393,297 @@ def _summary(result: dict) -> str:
                      f"{result['num_draft_tokens']} per step)")
     parts.append(f"finish: {result['finish_reason']}")
     return "[outrider] " + " · ".join(parts)
+
+
+# ----------------------------------------------------------------- serve
+_SERVE_EXAMPLES = """\
+examples:
+  # the demo model (SmolLM2-135M-Instruct) with a self-speculative draft, on http://127.0.0.1:8000
+  outrider serve
+
+  # then, from another shell: stream a completion (OpenAI-compatible API)
+  curl -N http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+      -d '{"prompt": "The capital of France is", "max_tokens": 32, "stream": true}'
+
+  # a local checkpoint with its own draft, on every interface, with an API key
+  outrider serve --target ./my-llama --draft ./my-llama-draft --host 0.0.0.0 --api-key "$KEY"
+
+  # two GPUs for the target (tensor parallel) and one for the draft, joining a running Ray cluster
+  outrider serve --target ./llama-8b --draft ./llama-1b --target-gpus 2 --address auto
+
+  # everything from a file (the same fields as cluster.config.ClusterConfig; serve options under
+  # 'serve:'), one value overridden on the command line
+  outrider serve --config cluster.yaml --port 9000
+
+Settings come from, later ones winning: defaults < --config FILE < environment (OUTRIDER_<FIELD>,
+e.g. OUTRIDER_DRAFT=self:8, OUTRIDER_HTTP_PORT=9000, OUTRIDER_API_KEY=...) < flags.
+--print-config shows the result (API key hidden) without starting anything.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (stream with "stream": true), GET /v1/models,
+GET /health (no auth), GET /metrics (Prometheus), /docs. gRPC (protos/outrider/v1) on --grpc-port.
+Ctrl-C stops the server and the local Ray cluster.
+"""
+
+
+def _port_or_none(text: str):
+    if text.strip().lower() in ("none", "off"):
+        from cluster.config import NULL
+
+        return NULL  # explicitly no gRPC (overrides the file and the environment)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number or 'none', got {text!r}") from None
+
+
+def _add_serve(commands) -> None:
+    p = commands.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API (and gRPC) on Ray Serve",
+        description="Start (or join) a Ray cluster, place the target and draft workers, and serve\n"
+        "them over an OpenAI-compatible HTTP API and gRPC until Ctrl-C. Without --target it serves\n"
+        "the demo model with a self-speculative draft.",
+        epilog=_SERVE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML file of configuration fields (see cluster/config.py)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as YAML and exit (nothing starts)")
+    m = p.add_argument_group("model and speculation")
+    m.add_argument("--target", "--model", dest="target", metavar="PATH",
+                   help="target checkpoint directory or .gguf file; default: the demo model "
+                   "SmolLM2-135M-Instruct (fetched and converted on first use)")
+    m.add_argument("--draft", metavar="SPEC",
+                   help="'none' (target only), 'self:N' (the target's first N layers + its head) or a draft "
+                   "checkpoint DIR sharing the target's tokenizer; default: self:8 for the demo model, none otherwise")
+    m.add_argument("--num-draft-tokens", type=int, metavar="K", help="most draft tokens per step (default 4)")
+    m.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: the checkpoint's)")
+    m.add_argument("--no-overlap", action="store_true",
+                   help="draft and target take turns (default: the draft works on step t+1 during step t)")
+    m.add_argument("--no-adaptive", action="store_true",
+                   help="always draft --num-draft-tokens (default: the length is chosen per step for goodput)")
+    g = p.add_argument_group("placement (Ray)")
+    g.add_argument("--target-gpus", type=int, metavar="N", help="GPUs of the target (tensor-parallel size; default 1)")
+    g.add_argument("--draft-gpus", type=int, metavar="N", help="GPUs of the draft worker (default 1)")
+    g.add_argument("--colocate", action="store_true", help="put the draft on the target's GPU (fractional share)")
+    g.add_argument("--num-gpus", type=int, metavar="N",
+                   help="GPUs to declare for the local Ray cluster (on a machine without CUDA: fake GPUs, "
+                   "as many as the placement needs)")
+    g.add_argument("--address", metavar="ADDR", help="join this Ray cluster ('auto': the local one) instead of starting one")
+    g.add_argument("--kv-budget-tokens", type=int, metavar="N", help="KV cache per worker, in tokens (default 4096)")
+    g.add_argument("--max-running", type=int, metavar="N", help="most requests decoding at once (default 64)")
+    g.add_argument("--max-waiting", type=int, metavar="N",
+                   help="most requests queued; beyond it requests get 429 (default 256)")
+    s = p.add_argument_group("serving")
+    s.add_argument("--host", metavar="HOST", help="listen address (default 127.0.0.1; 0.0.0.0 = every interface)")
+    s.add_argument("--port", "--http-port", dest="http_port", type=int, metavar="PORT", help="HTTP port (default 8000)")
+    s.add_argument("--grpc-port", type=_port_or_none, metavar="PORT",
+                   help="gRPC port (default 50051; 'none' = no gRPC)")
+    s.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health (or set OUTRIDER_API_KEY)")
+    s.add_argument("--model-name", metavar="NAME", help="model id that clients send (default: the target's name)")
+    s.add_argument("--default-max-tokens", type=int, metavar="N",
+                   help="max_tokens of requests that set none (default 512, capped by the context)")
+    s.add_argument("--request-timeout-s", type=float, metavar="S", help="end-to-end limit per HTTP request (default none)")
+    s.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="log level of Serve and the deployments (default WARNING)")
+    s.add_argument("--access-log", action="store_true", default=None, help="log every request (with --log-level INFO)")
+    p.set_defaults(run=_run_serve)
+
+
+def serve_config(args: argparse.Namespace, env=None):
+    """The ``ClusterConfig`` of ``outrider serve``: defaults < --config < environment < flags; the demo
+    model (draft self:8) when no source names a target; fake GPUs for a local cluster without CUDA."""
+    import os
+
+    from cluster.config import ClusterConfig, ConfigError, load_config, merge_sources
+
+    env = os.environ if env is None else env
+    serve_flags = {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
+                   "api_key": args.api_key, "model_name": args.model_name,
+                   "default_max_tokens": args.default_max_tokens, "request_timeout_s": args.request_timeout_s,
+                   "log_level": args.log_level, "access_log": args.access_log}
+    flags = {"target": args.target, "draft": args.draft, "num_draft_tokens": args.num_draft_tokens,
+             "dtype": args.dtype, "target_gpus": args.target_gpus, "draft_gpus": args.draft_gpus,
+             "num_gpus": args.num_gpus, "address": args.address, "kv_budget_tokens": args.kv_budget_tokens,
+             "max_running": args.max_running, "max_waiting": args.max_waiting,
+             "overlap": False if args.no_overlap else None, "adaptive": False if args.no_adaptive else None,
+             "colocate": True if args.colocate else None, "serve": serve_flags}
+    try:
+        values, _ = merge_sources(args.config, flags=flags, env=env)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    defaults: dict = {}
+    if values.get("target") is None:
+        from cluster.demo_model import DEMO_MODEL_NAME, DemoModelError, ensure_demo_model
+
+        try:
+            defaults["target"] = str(ensure_demo_model(progress=True))
+        except DemoModelError as exc:
+            raise CliError(str(exc)) from None
+        defaults["draft"] = "self:8"
+        defaults["serve"] = {"model_name": DEMO_MODEL_NAME}
+    elif values.get("target") and not Path(str(values["target"])).exists():
+        raise CliError(f"target {values['target']}: no such file or directory")
+    draft = values.get("draft", defaults.get("draft"))
+    if draft is not None and draft not in ("none", "lookup") and not str(draft).startswith(("self:", "oracle:")) \
+            and not Path(str(draft)).exists():
+        raise CliError(f"draft {draft}: not 'none' or 'self:N', and no such checkpoint path")
+    if values.get("colocate") and "draft_gpus" not in values:
+        defaults["draft_gpus"] = 0
+    try:
+        config = load_config(args.config, flags=flags, env=env, defaults=defaults)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    if config.address is None and config.num_gpus is None:
+        import torch
+
+        placed = any(k in values for k in ("colocate", "draft_gpus"))
+        if torch.cuda.is_available() and config.has_draft and not config.colocate and not placed \
+                and torch.cuda.device_count() < config.target_gpus + config.draft_gpus:
+            # too few GPUs for a draft of its own and no placement asked for: share the target's GPU
+            print(f"[outrider] {torch.cuda.device_count()} GPU(s): the draft shares the target's GPU "
+                  "(--colocate; --draft-gpus N to place it apart)", file=sys.stderr)
+            try:
+                config = ClusterConfig(**{**config.model_dump(), "colocate": True, "draft_gpus": 0})
+            except ValueError as exc:
+                raise CliError(_config_error(exc)) from None
+        if not torch.cuda.is_available():  # declare fake GPUs so every placement can be tried on CPU
+            fake = {"num_gpus": config.target_gpus + (0 if config.colocate or not config.has_draft
+                                                      else config.draft_gpus)}
+            if "cpus_per_worker" not in values:
+                fake["cpus_per_worker"] = 0
+            try:
+                config = ClusterConfig(**{**config.model_dump(), **fake})
+            except ValueError as exc:
+                raise CliError(_config_error(exc)) from None
+    return config
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise CliError(f"{what} {host}:{port}: cannot listen there ({exc.strerror}); is another server "
+                           "running? Choose another port with "
+                           f"{'--port' if what == 'HTTP' else '--grpc-port'}") from None
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    config = serve_config(args)
+    if args.print_config:
+        import yaml
+
+        data = config.model_dump(mode="json")
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+        return 0
+    opts = config.serve
+    if config.address is None:  # a local cluster: bind ports before Ray starts, so a clash fails fast
+        _check_port_free(opts.host, opts.http_port, "HTTP")
+        if opts.grpc_port is not None:
+            _check_port_free(opts.host, opts.grpc_port, "gRPC")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if config.address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on loopback
+
+    import ray
+    from ray import serve
+
+    from cluster.serve.app import APP_NAME, deploy
+
+    if config.address is None:
+        from placement.planner import plan
+        from placement.spec import ClusterResources, PlacementError
+
+        gpus = config.num_gpus
+        if gpus is None:  # Ray will detect the machine's GPUs
+            import torch
+
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        try:  # an impossible placement fails here, not inside a Serve replica
+            plan(config.placement_request(), ClusterResources.local(gpus, os.cpu_count() or 1))
+        except PlacementError as exc:
+            raise CliError(str(exc)) from None
+        ray.init(address="local", num_gpus=config.num_gpus, include_dashboard=False)
+    else:
+        ray.init(address=config.address, include_dashboard=False)
+
+    def stop(signum, frame):  # SIGTERM (kill, systemd, Kubernetes) stops like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        print(f"[outrider] starting: target {config.target}, draft {config.draft} "
+              f"(this loads the workers; the first start of the demo model takes a minute)", file=sys.stderr)
+        try:
+            deploy(config)
+        except RuntimeError as exc:  # the deployment failed (its replica's error is in the message)
+            raise CliError(f"the server did not start: {exc}") from None
+        print(_serve_banner(config), flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\n[outrider] shutting down", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        try:
+            if config.address is None:
+                serve.shutdown()
+            else:  # a shared cluster: remove only this application
+                serve.delete(APP_NAME)
+        finally:
+            ray.shutdown()
+    return 0
+
+
+def _serve_banner(config) -> str:
+    from cluster.serve.engine_server import default_model_name
+
+    opts = config.serve
+    host = opts.host if opts.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{host}:{opts.http_port}"
+    model = default_model_name(config)
+    key = opts.api_key_value()
+    auth = f" -H 'Authorization: Bearer {key}'" if key else ""
+    api_key = repr(key) if key else '"none"'
+    body = json.dumps({"model": model, "prompt": "The capital of France is", "max_tokens": 32, "stream": True})
+    draft = config.draft if config.has_draft else "none"
+    lines = [
+        f"[outrider] serving {model} (draft {draft}) on {url}  (listening on {opts.host})",
+        f"  OpenAI API  {url}/v1   (completions, chat/completions, models)",
+        f"  health      {url}/health   metrics {url}/metrics   docs {url}/docs",
+    ]
+    import importlib.util
+
+    if opts.grpc_port is None:
+        lines.append("  gRPC        off")
+    elif importlib.util.find_spec("cluster.serve.grpc_ingress") is None:
+        lines.append("  gRPC        not available in this build")
+    else:
+        lines.append(f"  gRPC        {host}:{opts.grpc_port}   (outrider.v1.Generation, health, reflection)")
+    if opts.host in ("0.0.0.0", "::") and not key:
+        lines.append("  warning     listening on every interface without an API key (--api-key)")
+    lines += [
+        "",
+        "try it from another shell:",
+        f"  curl -N {url}/v1/completions -H 'Content-Type: application/json'{auth} \\",
+        f"      -d '{body}'",
+        "",
+        (f"  python -c 'from openai import OpenAI; c = OpenAI(base_url=\"{url}/v1\", api_key={api_key}); "
+         f"[print(x.choices[0].text, end=\"\", flush=True) for x in c.completions.create(model=\"{model}\", "
+         "prompt=\"The capital of France is\", max_tokens=32, stream=True, "
+         "stream_options={\"include_usage\": False})]'"),
+        "",
+        "Ctrl-C stops the server.",
+    ]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------- bench

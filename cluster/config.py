@@ -1,8 +1,15 @@
-"""The cluster's configuration: one validated schema for the engine, the CLI and (later) serving.
+"""The cluster's configuration: one validated schema for the engine, the CLI and serving.
 
 Plane: control. ``ClusterConfig`` is a pydantic model, validated once at the edge: unknown
 fields and bad values raise ``pydantic.ValidationError`` naming the field. Everything that starts
-workers or schedules requests reads its settings from here and nowhere else.
+workers, schedules requests or serves them reads its settings from here and nowhere else; the
+serving options (``outrider serve``: listen address, ports, API key, model name, limits) are the
+nested ``serve`` section (``ServeOptions``).
+
+Sources (``load_config``), later ones win: defaults < YAML file < environment (``OUTRIDER_<FIELD>``
+for every top-level field and every ``serve`` field, e.g. ``OUTRIDER_DRAFT=self:8``,
+``OUTRIDER_HTTP_PORT=9000``, ``OUTRIDER_API_KEY=...``) < CLI flags. A bad value raises
+``ConfigError`` naming the field and where the value came from.
 
 Invariants:
 * ``draft`` is ``none``, ``self:N`` (the target's first N layers) or a checkpoint path;
@@ -13,13 +20,55 @@ Invariants:
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from placement.spec import PlacementRequest
+
+
+class ServeOptions(BaseModel):
+    """How ``outrider serve`` listens and what it admits (the ``serve`` section of the config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", min_length=1,
+                      description="Address the HTTP (and gRPC) servers listen on; 0.0.0.0 for every interface.")
+    http_port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI-compatible HTTP API.")
+    grpc_port: int | None = Field(50051, ge=1, le=65535, description="Port of the gRPC API; null = no gRPC.")
+    api_key: SecretStr | None = Field(
+        None, description="When set, every route and RPC except health needs `Authorization: Bearer <key>`.")
+    model_name: str | None = Field(
+        None, min_length=1, description="The model id clients send and /v1/models lists; default: the target's name.")
+    default_max_tokens: int = Field(
+        512, ge=1, description="max_tokens of a request that sets none (capped by the rest of the context).")
+    max_concurrent_requests: int = Field(
+        256, ge=1, description="HTTP requests in flight per ingress replica; beyond it they queue at Serve.")
+    max_queued_requests: int = Field(
+        64, ge=0, description="HTTP requests queued at Serve beyond max_concurrent_requests; beyond it: 503.")
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="End-to-end limit of one HTTP request (Serve answers 408 and aborts it).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="Log level of Serve's components and the deployments.")
+    access_log: bool = Field(False, description="Log every HTTP request (Serve's access log; needs log_level INFO).")
+
+    @field_validator("api_key")
+    @classmethod
+    def _check_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("api_key must not be empty (leave it unset for no authentication)")
+        return value
+
+    def api_key_value(self) -> str | None:
+        return None if self.api_key is None else self.api_key.get_secret_value()
+
+    def to_dict(self) -> dict:
+        """Plain values (the API key revealed): what the Serve deployments are given."""
+        return {**self.model_dump(), "api_key": self.api_key_value()}
 
 
 class ClusterConfig(BaseModel):
@@ -65,6 +114,9 @@ class ClusterConfig(BaseModel):
     start_timeout_s: float = Field(300.0, gt=0, description="Time to start workers and place them.")
     draft_restart_s: float = Field(1.0, gt=0, description="How often to check whether a lost draft is back.")
     max_worker_restarts: int = Field(3, ge=0, description="Ray restarts per worker actor before giving up.")
+
+    # serving (outrider serve)
+    serve: ServeOptions = Field(default_factory=ServeOptions, description="HTTP/gRPC serving options.")
 
     @field_validator("draft")
     @classmethod
@@ -115,3 +167,112 @@ class ClusterConfig(BaseModel):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of configuration fields at the top level")
         return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and where its value came from."""
+
+
+ENV_PREFIX = "OUTRIDER_"
+
+
+def env_variables() -> dict[str, tuple[str, ...]]:
+    """``OUTRIDER_<NAME>`` -> the config field it sets (``("serve", "http_port")`` for serve fields)."""
+    names: dict[str, tuple[str, ...]] = {}
+    for name in ClusterConfig.model_fields:
+        if name != "serve":
+            names[ENV_PREFIX + name.upper()] = (name,)
+    for name in ServeOptions.model_fields:
+        key = ENV_PREFIX + name.upper()
+        if key in names:
+            raise RuntimeError(f"serve field {name} collides with a cluster field")
+        names[key] = ("serve", name)
+    return names
+
+
+def _allows_none(path: tuple[str, ...]) -> bool:
+    fields = ServeOptions.model_fields if path[0] == "serve" else ClusterConfig.model_fields
+    info = fields[path[-1]]
+    return info.default is None or "None" in str(info.annotation)
+
+
+class _Null:
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+NULL = _Null()  # a flag value that sets a field to None (a plain None flag means "not given")
+
+
+def merge_sources(path: str | Path | None = None, *, flags: Mapping[str, Any] | None = None,
+                  env: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None
+                  ) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """The raw field values of ``load_config`` (not validated) and, per field path, where each came from."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    source: dict[tuple[str, ...], str] = {}
+
+    def put(layer: Mapping[str, Any], where: str, prefix: tuple[str, ...] = ()) -> None:
+        for key, value in layer.items():
+            if value is None and where in ("flag", "default"):
+                continue
+            if key == "serve" and not prefix and isinstance(value, Mapping):
+                put(value, where, ("serve",))
+                continue
+            target = values.setdefault("serve", {}) if prefix else values
+            target[key] = None if value is NULL else value
+            source[(*prefix, key)] = where
+
+    put(defaults or {}, "default")
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of configuration fields at the top level")
+        if "serve" in data and not isinstance(data["serve"], dict):
+            raise ConfigError(f"serve (from {path}): expected a mapping of serving options")
+        put(data, str(path))
+    for name, field_path in env_variables().items():
+        if name in env:
+            raw = env[name]
+            value: Any = None if raw.strip().lower() in ("", "none", "null") and _allows_none(field_path) else raw
+            put({field_path[-1]: value}, name, field_path[:-1])
+    put(dict(flags or {}), "flag")
+    return values, source
+
+
+def load_config(path: str | Path | None = None, *, flags: Mapping[str, Any] | None = None,
+                env: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None) -> ClusterConfig:
+    """One ``ClusterConfig`` from, in rising precedence: ``defaults`` (e.g. the demo model chosen by
+    the CLI), the YAML file at ``path``, ``OUTRIDER_*`` environment variables (``env``, default
+    ``os.environ``; an empty value or ``none`` sets an optional field to None) and ``flags``
+    (``None`` values are "not given"; ``NULL`` sets a field to None; serve options under ``"serve"``).
+
+    Raises ``ConfigError`` naming the bad field and its source; unknown fields are refused."""
+    values, source = merge_sources(path, flags=flags, env=env, defaults=defaults)
+    try:
+        return ClusterConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source)) from None
+    except ValueError as exc:  # a model validator (placement) raising outside pydantic's wrapping
+        raise ConfigError(str(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError, source: Mapping[tuple[str, ...], str] | None = None) -> str:
+    """``field (from SOURCE): message`` for each error, joined by '; '."""
+    parts = []
+    for error in exc.errors():
+        loc = tuple(str(x) for x in error["loc"])
+        field = ".".join(loc) or "config"
+        where = (source or {}).get(loc)
+        label = {"flag": "command line", "default": "default"}.get(where, where) if where else None
+        msg = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{field}{f' (from {label})' if label else ''}: {msg}")
+    return "; ".join(parts)
