@@ -21,7 +21,9 @@ One call per engine step, ``step(step_id, new, drafts, num_token_msgs, free_ids)
    otherwise (a *miss*) the speculation is dropped, the draft KV rolls back to the real tokens by
    the proposer's common-prefix catch-up, and a fresh proposal is drafted — of one token when
    ``pre_verify`` is set (the target checks it while the rest is speculated), else of the full
-   length.
+   length. A miss costs the speculation's time before the fresh draft can start, so a request
+   is speculated for only while its recent hit rate is at least ``MIN_HIT_RATE`` (probing every
+   ``PROBE_EVERY`` steps otherwise).
 
 Invariants: a request's token list here equals the control plane's (prompt + every emitted
 token) whenever it is drafted for; tokens for requests already freed are ignored; every
@@ -84,6 +86,10 @@ def _check_tokenizers(target_path: str, draft_path: str) -> None:
     ensure_same_tokenizer(target_tok, draft_tok)
 
 
+HIT_PRIOR, HIT_DECAY = 0.5, 0.7  # overlap hit-rate estimate per request (EMA)
+MIN_HIT_RATE, PROBE_EVERY = 0.25, 8  # below the rate, speculate only every PROBE_EVERY-th step
+
+
 def chain_slice(proposal: Proposal, start: int, count: int) -> Proposal:
     """Tokens ``[start, start + count)`` of a chain proposal, as a chain of their own."""
     ids = proposal.token_ids[start : start + count]
@@ -133,6 +139,9 @@ class DraftWorker:
         self._tokens: dict[int, list[int]] = {}
         self._params: dict[int, SamplingParams] = {}
         self._speculation: dict[int, tuple[list[int], Proposal]] = {}  # req -> (assumed tokens, next chain)
+        self._hit_rate: dict[int, float] = {}  # per request, recent share of speculations used
+        self._since_probe: dict[int, int] = {}
+        self._to_speculate: set[int] = set()
         self._token_msgs = 0  # tokens messages received on the current link
 
     def info(self) -> dict:
@@ -174,7 +183,7 @@ class DraftWorker:
         t2 = time.perf_counter()
         return {"step": step_id, "num_proposed": sum(len(p) for p in proposals.values()), "batch": len(ids),
                 "levels": max((len(p) for p in proposals.values()), default=0),
-                "hits": hits, "misses": len(ids) - hits, "propose_s": t1 - t0, "speculate_s": t2 - t1}
+                "hits": hits, "misses": (len(ids) - hits) if self.overlap else 0, "propose_s": t1 - t0, "speculate_s": t2 - t1}
 
     def free(self, req_ids: list[int]) -> None:
         for req_id in req_ids:
@@ -194,17 +203,28 @@ class DraftWorker:
         self._tokens.pop(req_id, None)
         self._params.pop(req_id, None)
         self._speculation.pop(req_id, None)
+        self._hit_rate.pop(req_id, None)
+        self._since_probe.pop(req_id, None)
 
     def _proposals(self, ids: list[int], drafts: dict[int, int]) -> tuple[dict[int, Proposal], int]:
-        """Reuse speculations that hit; draft the rest fresh (batched by length)."""
+        """Reuse speculations that hit; draft the rest fresh (batched by length). Decides which
+        requests are speculated for after this proposal (``self._to_speculate``)."""
         out, fresh = {}, {}
+        self._to_speculate = set()
         for req_id in ids:
             k = min(drafts[req_id], self.max_draft_tokens)
             assumed, chain = self._speculation.pop(req_id, (None, None))
-            if chain is not None and len(chain) > 0 and self._tokens[req_id] == assumed:
+            hit = chain is not None and len(chain) > 0 and self._tokens[req_id] == assumed
+            if chain is not None:
+                rate = self._hit_rate.get(req_id, HIT_PRIOR)
+                self._hit_rate[req_id] = HIT_DECAY * rate + (1 - HIT_DECAY) * float(hit)
+            speculate = self.overlap and self._worth_speculating(req_id)
+            if speculate:
+                self._to_speculate.add(req_id)
+            if hit:
                 out[req_id] = chain_slice(chain, 0, k)
             else:
-                fresh[req_id] = 1 if (self.overlap and self.pre_verify) else k
+                fresh[req_id] = 1 if (speculate and self.pre_verify) else k
         by_length: dict[int, list[int]] = {}
         for req_id, k in fresh.items():
             by_length.setdefault(k, []).append(req_id)
@@ -214,11 +234,22 @@ class DraftWorker:
                 out[req_id] = proposal
         return out, len(ids) - len(fresh)
 
+    def _worth_speculating(self, req_id: int) -> bool:
+        """Speculate while this request's pre-drafted chains tend to be used; otherwise only probe
+        now and then. A miss costs the speculation's time before the fresh draft can start."""
+        if self._hit_rate.get(req_id, HIT_PRIOR) >= MIN_HIT_RATE:
+            return True
+        self._since_probe[req_id] = self._since_probe.get(req_id, 0) + 1
+        if self._since_probe[req_id] >= PROBE_EVERY:
+            self._since_probe[req_id] = 0
+            return True
+        return False
+
     def _speculate(self, ids: list[int], proposals: dict[int, Proposal], drafts: dict[int, int]) -> None:
         """Draft the bonus token and the next chain, assuming each proposal is accepted whole."""
         by_length: dict[int, list[int]] = {}
         for req_id in ids:
-            if len(proposals[req_id]) > 0:
+            if len(proposals[req_id]) > 0 and req_id in self._to_speculate:
                 by_length.setdefault(min(drafts[req_id], self.max_draft_tokens) + 1, []).append(req_id)
         for depth, group in by_length.items():
             assumed = {r: self._tokens[r] + proposals[r].token_ids.tolist() for r in group}
