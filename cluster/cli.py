@@ -632,7 +632,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\n[outrider] shutting down", file=sys.stderr)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # a second Ctrl-C (or a forwarded SIGINT) must not cut the clean-up short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             if config.address is None:
                 serve.shutdown()
@@ -640,6 +642,8 @@ def _run_serve(args: argparse.Namespace) -> int:
                 serve.delete(APP_NAME)
         finally:
             ray.shutdown()
+            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     return 0
 
 

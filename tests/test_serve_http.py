@@ -339,6 +339,11 @@ def test_overload_is_429_with_retry_after(server):
     assert all(b["error"]["type"] == "rate_limit_error" and "capacity" in b["error"]["message"] for b in bodies)
     assert kv_free(server) == start
 
+    # one request whose n choices do not all fit: 429 as a whole, and the choices that got in are aborted
+    r = httpx.post(server["base"] + "/v1/completions", json={**body, "stream": False, "n": 12}, timeout=60)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert kv_free(server) == start
+
 
 # ----------------------------------------------------------------- auth
 def test_api_key(server, http):

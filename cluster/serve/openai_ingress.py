@@ -339,10 +339,10 @@ class OpenAIServer:
         handed_over = False
         try:
             if not body.stream:
-                finals = await asyncio.gather(*(_final_of(g) for g in gens))
+                finals = await _all_or_none([_final_of(g) for g in gens])
                 return JSONResponse(self._response(kind, requests, finals, await self.info()))
             # the first event of every choice before the headers: bad input is a 400, not a broken stream
-            firsts = await asyncio.gather(*(g.__anext__() for g in gens))
+            firsts = await _all_or_none([g.__anext__() for g in gens])
             handed_over = True  # the stream owns the engine requests from here
             return StreamingResponse(
                 self._stream(kind, body, requests, gens, firsts, arrival, route), media_type="text/event-stream",
@@ -576,6 +576,18 @@ def create_app(server: OpenAIServer) -> FastAPI:
 @serve.ingress()
 class OpenAIIngress(OpenAIServer):
     """``OpenAIServer`` as a Serve deployment: ``OpenAIIngress.bind(engine, serve_options)``."""
+
+
+async def _all_or_none(coros: list) -> list:
+    """Every result, or the first error with the other tasks cancelled (their errors retrieved)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        raise
 
 
 async def _awaited(response):
