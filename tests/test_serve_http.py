@@ -4,7 +4,8 @@ One Ray (fake GPUs) and one Serve application for the module: ``EngineServer`` (
 with a chat template, a self-speculative draft, a small queue so overload is easy to reach) under
 ``OpenAIIngress``; a second, ingress-only application with an API key shares its engine. The
 ``openai`` client and httpx talk to it, streaming and not; greedy text must equal the Python
-API's (a target-only ``Cluster`` in the same Ray: speculation is lossless); every bad input is a
+API's (a target-only ``Cluster`` in the same Ray: speculation is lossless) and the gRPC front
+end's (deployed in the same application); every bad input is a
 400 in OpenAI's shape; a client that disconnects frees its KV; a full queue is a 429; the API is
 fuzzed from its OpenAPI schema (no 5xx, no hang); the last test stops the engine (/health 503).
 """
@@ -38,6 +39,17 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{%
 PROMPT = "the cat and the hat"
 
 
+def _grpc_available() -> bool:
+    try:
+        import cluster.serve.grpc_ingress  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+GRPC = _grpc_available()  # the gRPC front end shares the engine: its text must match too
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,14 +72,15 @@ def checkpoint(tmp_path_factory):
 def server(checkpoint):
     ray.init(address="local", num_cpus=4, num_gpus=3, object_store_memory=256 * 2**20,
              include_dashboard=False, log_to_driver=False)
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     config = ClusterConfig(
         target=checkpoint, draft="self:1", num_draft_tokens=3, num_gpus=3, cpus_per_worker=0,
         kv_budget_tokens=1024, max_running=2, max_waiting=4, step_timeout_s=30, start_timeout_s=120,
-        serve={"http_port": port, "grpc_port": None, "default_max_tokens": 16})
+        serve={"http_port": port, "grpc_port": grpc_port if GRPC else None, "default_max_tokens": 16})
     deploy(config)
     engine = serve.get_deployment_handle("EngineServer", app_name=APP_NAME)
     yield {"config": config, "base": f"http://127.0.0.1:{port}", "model": "tiny-chat", "engine": engine,
+           "grpc": f"127.0.0.1:{grpc_port}" if GRPC else None,
            "kv0": engine.kv_free_tokens.remote().result(timeout_s=60)}
     serve.shutdown()
     ray.shutdown()
@@ -159,6 +172,18 @@ def test_completion_matches_python_api(client, http, python_api, server):
     # token-id prompts give the same output as text prompts
     ids = python_api.encode(PROMPT)
     assert client.completions.create(model=server["model"], prompt=ids, max_tokens=24).choices[0].text == reference.text
+
+    # and the gRPC front end of the same application (same engine) gives the same text
+    if server["grpc"] is not None:
+        import grpc
+
+        from protos.outrider.v1 import generate_pb2 as pb
+        from protos.outrider.v1 import generate_pb2_grpc as pb_grpc
+
+        with grpc.insecure_channel(server["grpc"]) as channel:
+            reply = pb_grpc.GenerationStub(channel).Generate(
+                pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(max_tokens=24)), timeout=60)
+        assert reply.text == reference.text and list(reply.token_ids) == reference.token_ids
 
 
 def test_chat_matches_python_api(client, python_api, server):
