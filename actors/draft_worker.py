@@ -172,22 +172,28 @@ class DraftWorker:
                 if req_id in self._tokens:
                     self._tokens[req_id].extend(token_ids)
             self._token_msgs += 1
-        t0 = time.perf_counter()
+        t0, captures = time.perf_counter(), self._captures()
         ids = list(drafts)
         proposals, hits = self._proposals(ids, drafts)
         if ids:
             self.link.send(pack_proposals(ids, [proposals[r] for r in ids]), TARGET_RANK)
         t1 = time.perf_counter()
+        captured = self._captures() != captures  # not a cost sample
         if self.overlap and ids:
             self._speculate(ids, proposals, drafts)
         t2 = time.perf_counter()
         return {"step": step_id, "num_proposed": sum(len(p) for p in proposals.values()), "batch": len(ids),
                 "levels": max((len(p) for p in proposals.values()), default=0),
-                "hits": hits, "misses": (len(ids) - hits) if self.overlap else 0, "propose_s": t1 - t0, "speculate_s": t2 - t1}
+                "hits": hits, "misses": (len(ids) - hits) if self.overlap else 0,
+                "propose_s": 0.0 if captured else t1 - t0, "speculate_s": t2 - t1}
 
     def free(self, req_ids: list[int]) -> None:
         for req_id in req_ids:
             self._forget(req_id)
+
+    def _captures(self) -> int:
+        runner = getattr(self.proposer, "runner", None)
+        return runner.stats["captures"] if runner is not None else 0
 
     def kv_free_tokens(self) -> int:
         return self.proposer.cache.free_tokens

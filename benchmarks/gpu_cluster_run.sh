@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu
 timeout 200 python3 -m pytest -q tests/test_cuda.py tests/test_graph_runner.py > "$OUT/test_cuda.txt" 2>&1
 tail -3 "$OUT/test_cuda.txt"
 common=(--prompts .demo/specbench-dev.jsonl --tokenizer .demo/tokenizer --categories writing,summarization
-        --per-category 1 --max-tokens 48 --repetitions 3 --adaptive off --shape-dir /tmp/shapes)
+        --per-category 1 --max-tokens 48 --repetitions 3 --adaptive "${ADAPTIVE:-off}" --shape-dir /tmp/shapes)
 timeout 330 python3 -m cluster.cli bench "${common[@]}" --concurrency 1,8 --time-limit-s 240 \
   --model "shape:1B@oracle:0.8:self:4#ours-target-only,ours-spec,cluster-target-only,cluster-colocated-turns,cluster-colocated-overlap,cluster-separate-turns,cluster-separate-overlap" \
   --model "shape:8B@oracle:0.8:shape:1B#ours-target-only,ours-spec,cluster-target-only,cluster-colocated-turns" \

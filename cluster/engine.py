@@ -49,6 +49,7 @@ from placement.spec import DRAFT, TARGET
 log = logging.getLogger("outrider.engine")
 
 Sink = Callable[[tuple], None]
+DRAFT_SYNC_EVERY = 16  # steps without drafting after which the idle draft still catches up
 
 
 class EngineDeadError(RuntimeError):
@@ -116,6 +117,8 @@ class Engine:
         self._draft_backlog: list = []  # (req_id, tokens, params) to hand to a re-connected draft
         self._draft_pending: list[ray.ObjectRef] = []
         self._token_msgs = 0
+        self._draft_synced = 0  # token messages the draft was told to catch up to
+        self._draft_frees: list[int] = []  # freed requests the draft has not been told about
         self._dead: str | None = None
         self._recovering: str | None = None
         self._last_progress = time.monotonic()
@@ -234,10 +237,16 @@ class Engine:
         target_refs = [t.step.remote(step_id, new, [r.req_id for r in running], draft_ids, frees)
                        for t in self.workers.targets]
         draft_ref = None
-        if self._draft_up:
+        if self.workers.draft is not None:
+            self._draft_frees += frees
+        if self._draft_up and (draft_ids or new or self._draft_backlog
+                               or self._token_msgs - self._draft_synced >= DRAFT_SYNC_EVERY):
+            # with nothing to draft (k = 0 for all), the draft is called only to catch up now and then
             backlog, self._draft_backlog = self._draft_backlog, []
+            draft_frees, self._draft_frees = self._draft_frees, []
             draft_ref = self.workers.draft.step.remote(
-                step_id, backlog + new, {r: draft_ks[r] for r in draft_ids}, self._token_msgs, frees)
+                step_id, backlog + new, {r: draft_ks[r] for r in draft_ids}, self._token_msgs, draft_frees)
+            self._draft_synced = self._token_msgs
             self._draft_pending.append(draft_ref)
         out = self._wait_target(target_refs, draft_ref)
         elapsed = time.perf_counter() - t0
@@ -345,11 +354,12 @@ class Engine:
 
     def _flush_frees(self) -> None:
         frees, self._frees = self._frees, []
-        if not frees:
+        draft_frees, self._draft_frees = self._draft_frees + frees, []
+        if not frees and not draft_frees:
             return
-        calls = [(TARGET, t.free.remote(frees)) for t in self.workers.targets]
-        if self._draft_up:
-            calls.append((DRAFT, self.workers.draft.free.remote(frees)))
+        calls = [(TARGET, t.free.remote(frees)) for t in self.workers.targets] if frees else []
+        if self._draft_up and draft_frees:
+            calls.append((DRAFT, self.workers.draft.free.remote(draft_frees)))
         try:
             self.workers.call(calls, "free")
         except WorkerFailure as failure:
@@ -408,7 +418,8 @@ class Engine:
             log.warning("draft back but the link failed (%s); retrying", failure)
             self.workers.restart(DRAFT)
             return
-        self._token_msgs = 0
+        self._token_msgs = self._draft_synced = 0
+        self._draft_frees = []
         with self._lock:
             self._draft_backlog = [(r.req_id, list(r.state.tokens), r.state.params)
                                    for r in self._requests.values() if r.prefilled]
@@ -449,7 +460,8 @@ class Engine:
         except WorkerFailure as again:
             self._die(f"the target worker group could not be re-formed: {again}")
             return
-        self._token_msgs = 0
+        self._token_msgs = self._draft_synced = 0
+        self._draft_frees = []
         self._draft_next_check = 0.0
 
     def _die(self, reason: str) -> None:

@@ -31,10 +31,12 @@ class SpeculationControl:
         self.max_draft_tokens = k
         self.estimator = AcceptanceEstimator(max(k, 1))
         self.costs = StepCostModel.from_table(config.cost_table) if config.cost_table else StepCostModel()
+        # colocated draft and target share one GPU: their work adds up even with overlap
+        overlap = config.overlap and not config.colocate
         if config.adaptive and k > 0:
-            self.policy = GoodputPolicy(self.estimator, self.costs, k, overlap=config.overlap)
+            self.policy = GoodputPolicy(self.estimator, self.costs, k, overlap=overlap)
         else:
-            self.policy = FixedPolicy(k, self.estimator, self.costs, overlap=config.overlap)
+            self.policy = FixedPolicy(k, self.estimator, self.costs, overlap=overlap)
 
     def choose(self, req_ids: Sequence[Hashable], caps: Mapping[Hashable, int]) -> SpecDecision:
         return self.policy.choose(req_ids, caps)

@@ -135,6 +135,32 @@ def test_oracle_draft_overlap_hits(ray_local, checkpoints, target_model, tmp_pat
         assert hits and hits > 0
 
 
+def test_idle_draft_catches_up_after_many_steps_without_drafting(ray_local, checkpoints, target_model):
+    """With k = 0 chosen for every request the draft is not called each step; when drafting
+    resumes mid-request it catches up with every token it missed, and output stays the target's."""
+    from cluster.speculation_policy import FixedPolicy
+
+    prompt, params = make_prompts((11,))[0], SamplingParams(max_tokens=80)
+    want = expected(target_model, [prompt], [params])[0]
+    with Cluster.start(config(checkpoints[0], draft="self:3", num_draft_tokens=3, adaptive=False)) as cluster:
+        control = cluster.engine.policy
+        control.policy = FixedPolicy(0)
+
+        async def main():
+            stream = await cluster.generate(prompt, params, ignore_eos=True)
+            seen = 0
+            async for chunk in stream:
+                seen += len(chunk.token_ids)
+                if seen >= 30:  # > 16 steps without the draft, then speculate again
+                    control.policy = FixedPolicy(3)
+            return await stream.result()
+
+        out = asyncio.run(main())
+        assert out.token_ids == want
+        lengths = out.stats["accepted_lengths"]
+        assert set(lengths[:25]) == {1} and max(lengths) > 1  # drafting resumed and was accepted
+
+
 def test_target_only_and_late_arrivals(ray_local, checkpoints, target_model):
     prompts, params = make_prompts(), greedy_params(6)
     with Cluster.start(config(checkpoints[0], draft="none")) as cluster:
