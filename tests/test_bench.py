@@ -29,6 +29,27 @@ def checkpoint(tmp_path_factory):
                                      with_tokenizer=True))
 
 
+PROMPTS = [
+    {"question_id": 1, "category": "writing", "turns": ["Write a short note about a trip to the sea."]},
+    {"question_id": 2, "category": "qa", "turns": ["What is the boiling point of water at sea level?"]},
+    {"question_id": 3, "category": "summarization", "turns": ["Summarize: the cat sat on the mat all day."]},
+    {"question_id": 4, "category": "translation", "turns": ["Translate to French: good morning, friends."]},
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prompts_file(tmp_path_factory):
+    """A small Spec-Bench-shaped file, so the tests need nothing beside the repository."""
+    path = tmp_path_factory.mktemp("prompts") / "specbench.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    global PROMPTS_FILE
+    PROMPTS_FILE = str(path)
+    return path
+
+
+PROMPTS_FILE = ""
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     ray.init(address="local", num_cpus=2, num_gpus=4, object_store_memory=256 * 2**20,
@@ -41,7 +62,7 @@ def tiny_config(checkpoint, out, **fields):
     base = {"models": [checkpoint], "categories": ["writing", "qa"], "per_category": 1, "max_tokens": 6,
             "max_prompt_tokens": 40, "repetitions": 1, "concurrency": [1, 2], "cost_batches": [1, 2],
             "cost_tokens": [1, 4], "cost_context": 16, "cpus_per_worker": 0, "out_dir": str(out),
-            "warmup": False}  # the CLI test runs the warm-up pass
+            "warmup": False, "prompts_file": PROMPTS_FILE}  # the CLI test runs the warm-up pass
     return BenchConfig(**{**base, **fields})
 
 
@@ -120,6 +141,7 @@ def test_wrong_speculative_output_is_reported(checkpoint, tmp_path, monkeypatch)
 
 def test_cli_bench(checkpoint, tmp_path, capsys):
     rc = main(["bench", "--model", f"{checkpoint}@lookup", "--scenarios", "ours-target-only,ours-spec",
+               "--prompts", PROMPTS_FILE,
                "--concurrency", "1", "--max-tokens", "4", "--categories", "qa", "--repetitions", "1",
                "--max-prompt-tokens", "32", "--out", str(tmp_path), "--no-plots"])
     assert rc == 0
