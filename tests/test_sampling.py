@@ -183,3 +183,15 @@ def test_sample_next_distribution(params):
     expect_counts = n * expect[keep] / expect[keep].sum()
     assert stats.chisquare(counts[keep], expect_counts).pvalue > 1e-4
     assert math.isclose(counts.sum(), n)
+
+
+def test_tiny_positive_temperature_and_top_p_stay_finite():
+    """1e-300 rounds to 0 in float32; it must act as the smallest positive value, not give NaN."""
+    from actors.spec.sampling import processed_probs
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    for params in (SamplingParams(temperature=1e-300), SamplingParams(temperature=1.0, top_p=1e-300),
+                   SamplingParams(temperature=1e-300, top_p=1e-300, top_k=5)):
+        probs = processed_probs(logits, params)
+        assert torch.isfinite(probs).all()
+        assert torch.equal(probs.argmax(-1), logits.argmax(-1)) and torch.allclose(probs.sum(-1), torch.ones(3))

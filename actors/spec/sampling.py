@@ -35,12 +35,18 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
     return generator
 
 
+MIN_POSITIVE = 1e-6  # the smallest temperature / top_p applied; smaller positive values act as it
+
+
 def _process(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Per-row temperature, top-k, top-p of non-greedy rows: logits [N, V], params [N] -> probs [N, V]."""
-    x = logits.float() / temperature.float().to(logits.device)[:, None]  # p ∝ exp(logit / T)
+    # T and top_p are positive but may round to 0 in float32 (1e-300): floor both at 1e-6 so a
+    # request's parameters can never produce NaN probabilities (and crash the step it rides in)
+    temperature = temperature.float().to(logits.device).clamp(min=MIN_POSITIVE)
+    x = logits.float() / temperature[:, None]  # p ∝ exp(logit / T)
     vocab = x.shape[-1]
     k = top_k.to(logits.device)
-    top_p = top_p.float().to(logits.device)
+    top_p = top_p.float().to(logits.device).clamp(min=MIN_POSITIVE)
     needs_top_k = bool(((k > 0) & (k < vocab)).any())
     needs_top_p = bool((top_p < 1.0).any())
     if not (needs_top_k or needs_top_p):
