@@ -172,13 +172,16 @@ class DraftWorker:
                 if req_id in self._tokens:
                     self._tokens[req_id].extend(token_ids)
             self._token_msgs += 1
-        t0, captures = time.perf_counter(), self._captures()
         ids = list(drafts)
+        # a proposal that first prefills a long catch-up (a new request's prompt) is not a cost sample
+        long_catch_up = any(self.proposer.catch_up_length(r, self._tokens[r]) > 2 * self.max_draft_tokens + 2
+                            for r in ids)
+        t0, captures = time.perf_counter(), self._captures()
         proposals, hits = self._proposals(ids, drafts)
         if ids:
             self.link.send(pack_proposals(ids, [proposals[r] for r in ids]), TARGET_RANK)
         t1 = time.perf_counter()
-        captured = self._captures() != captures  # not a cost sample
+        captured = self._captures() != captures or long_catch_up  # not a cost sample
         if self.overlap and ids:
             self._speculate(ids, proposals, drafts)
         t2 = time.perf_counter()

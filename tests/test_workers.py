@@ -51,3 +51,17 @@ def test_target_worker_decodes_alone_like_the_reference(tmp_path):
     assert worker.kv_free_tokens() < free
     worker.step(8, [], [], [], [5, 6])  # frees ride on the step
     assert worker.kv_free_tokens() == free and worker.num_requests() == 0
+
+
+def test_draft_catch_up_length_counts_what_the_next_proposal_prefills(tmp_path):
+    from actors.model.loader import load_model
+    from actors.spec.proposers import DraftModelProposer, ProposeRequest, TreeShape
+
+    path = str(write_tiny_checkpoint(tmp_path / "d", num_layers=1, with_tokenizer=False))
+    model = load_model(path)
+    proposer = DraftModelProposer(model, target_vocab_size=VOCAB, kv_budget_bytes=256 * model.kv_bytes_per_token)
+    tokens = [5, 6, 7, 8, 9]
+    assert proposer.catch_up_length(1, tokens) == 5  # unknown request: its whole prompt
+    proposer.propose([ProposeRequest(1, tokens, SamplingParams())], TreeShape.chain(2))
+    assert proposer.catch_up_length(1, tokens + [10, 11]) == 2  # the last token is always re-fed
+    assert proposer.catch_up_length(1, [5, 6, 99, 8, 9, 10]) == 4  # diverged after two tokens

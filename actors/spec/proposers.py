@@ -100,6 +100,14 @@ class DraftModelProposer(Proposer):
         self._cached_ids: dict[Hashable, list[int]] = {}
         self._generators: dict[Hashable, torch.Generator | None] = {}
 
+    def catch_up_length(self, req_id: Hashable, token_ids: Sequence[int]) -> int:
+        """How many of ``token_ids`` the next proposal would feed before drafting (its prefill)."""
+        cached = self._cached_ids.get(req_id, [])
+        keep, limit = 0, min(len(cached), len(token_ids) - 1)
+        while keep < limit and cached[keep] == token_ids[keep]:
+            keep += 1
+        return len(token_ids) - keep
+
     def finish(self, req_id: Hashable) -> None:
         if req_id in self.cache:
             self.cache.free(req_id)
