@@ -138,7 +138,8 @@ class DraftWorker:
         self.link: Transport | None = None
         self._tokens: dict[int, list[int]] = {}
         self._params: dict[int, SamplingParams] = {}
-        self._speculation: dict[int, tuple[list[int], Proposal]] = {}  # req -> (assumed tokens, next chain)
+        # req -> ((base length, assumed tokens after it), next chain)
+        self._speculation: dict[int, tuple[tuple[int, list[int]], Proposal]] = {}
         self._hit_rate: dict[int, float] = {}  # per request, recent share of speculations used
         self._since_probe: dict[int, int] = {}
         self._to_speculate: set[int] = set()
@@ -223,7 +224,10 @@ class DraftWorker:
         for req_id in ids:
             k = min(drafts[req_id], self.max_draft_tokens)
             assumed, chain = self._speculation.pop(req_id, (None, None))
-            hit = chain is not None and len(chain) > 0 and self._tokens[req_id] == assumed
+            # tokens only grow, so the speculation's base is always a prefix: compare the tail alone
+            tokens = self._tokens[req_id]
+            hit = (chain is not None and len(chain) > 0 and len(tokens) == assumed[0] + len(assumed[1])
+                   and tokens[assumed[0]:] == assumed[1])
             if chain is not None:
                 rate = self._hit_rate.get(req_id, HIT_PRIOR)
                 self._hit_rate[req_id] = HIT_DECAY * rate + (1 - HIT_DECAY) * float(hit)
@@ -266,4 +270,6 @@ class DraftWorker:
             for req_id, chain in zip(group, self.proposer.propose(requests, TreeShape.chain(depth))):
                 if len(chain) >= 2:
                     bonus = int(chain.token_ids[0])
-                    self._speculation[req_id] = (assumed[req_id] + [bonus], chain_slice(chain, 1, depth - 1))
+                    base = len(self._tokens[req_id])
+                    tail = assumed[req_id][base:] + [bonus]  # the proposal, then the guessed bonus
+                    self._speculation[req_id] = ((base, tail), chain_slice(chain, 1, depth - 1))

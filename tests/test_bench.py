@@ -50,14 +50,6 @@ def prompts_file(tmp_path_factory):
 PROMPTS_FILE = ""
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, num_gpus=4, object_store_memory=256 * 2**20,
-             include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def tiny_config(checkpoint, out, **fields):
     base = {"models": [checkpoint], "categories": ["writing", "qa"], "per_category": 1, "max_tokens": 6,
             "max_prompt_tokens": 40, "repetitions": 1, "concurrency": [1, 2], "cost_batches": [1, 2],

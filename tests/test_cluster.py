@@ -41,14 +41,6 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, num_gpus=4, object_store_memory=256 * 2**20,
-             include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def target_model(checkpoints):
     return load_model(checkpoints[0])
 

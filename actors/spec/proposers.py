@@ -102,11 +102,7 @@ class DraftModelProposer(Proposer):
 
     def catch_up_length(self, req_id: Hashable, token_ids: Sequence[int]) -> int:
         """How many of ``token_ids`` the next proposal would feed before drafting (its prefill)."""
-        cached = self._cached_ids.get(req_id, [])
-        keep, limit = 0, min(len(cached), len(token_ids) - 1)
-        while keep < limit and cached[keep] == token_ids[keep]:
-            keep += 1
-        return len(token_ids) - keep
+        return len(token_ids) - _reusable_prefix(self._cached_ids.get(req_id, []), token_ids)
 
     def finish(self, req_id: Hashable) -> None:
         if req_id in self.cache:
@@ -168,11 +164,7 @@ class DraftModelProposer(Proposer):
             self._cached_ids[req_id] = []
             draft_params = replace(request.params, seed=_draft_seed(request.params))
             self._generators[req_id] = make_generator(draft_params, self.cache.device)
-        cached = self._cached_ids[req_id]
-        keep = 0
-        limit = min(len(cached), len(ids) - 1)  # feed at least the last token
-        while keep < limit and cached[keep] == ids[keep]:
-            keep += 1
+        keep = _reusable_prefix(self._cached_ids[req_id], ids)
         self.cache.truncate(req_id, keep)
         self._cached_ids[req_id] = ids
         return SeqStep(req_id, ids[keep:], logits="last")
@@ -221,6 +213,19 @@ class _TreeBuilder:
         if greedy or not self.probs or any(q is None for q in self.probs):
             return Proposal(ids, tuple(self.parents), None)
         return Proposal(ids, tuple(self.parents), torch.stack(self.probs))
+
+
+def _reusable_prefix(cached: Sequence[int], ids: Sequence[int]) -> int:
+    """Length of the common prefix of the cached and the real tokens, leaving at least the last real
+    token to feed. The usual case — the cache is a prefix of the real tokens — is one C-level list
+    comparison; only after a divergence (a rejected overlap speculation) is the prefix searched."""
+    limit = min(len(cached), len(ids) - 1)
+    if list(cached[:limit]) == list(ids[:limit]):
+        return limit
+    keep = 0
+    while cached[keep] == ids[keep]:  # a mismatch exists before limit
+        keep += 1
+    return keep
 
 
 def _draft_seed(params: SamplingParams) -> int | None:
