@@ -232,6 +232,7 @@ def pack_proposals(req_ids: Sequence[int], proposals: Sequence[Proposal]) -> lis
 
 def unpack_proposals(tensors: Sequence[torch.Tensor]) -> dict[int, Proposal]:
     meta, ids_parents, probs = tensors
+    ids_parents = ids_parents.cpu()  # one device->host copy; tokens and parents are read on the host
     out, start, row = {}, 0, 0
     for req_id, n, has_probs in meta.tolist():
         q = probs[row : row + n] if has_probs else None
