@@ -113,8 +113,10 @@ class DraftWorker:
         oracle_continuations: list | None = None,
     ) -> None:
         from actors.model.loader import load_config
+        from actors.model.sources import resolve_model_path
 
         torch.set_num_threads(1)
+        target_path = resolve_model_path(target_path)  # "demo": this node's cached copy
         if num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
         self.device = torch.device(device) if device is not None else pick_device()

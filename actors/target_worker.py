@@ -69,6 +69,9 @@ class TargetWorker:
         tp_size: int = 1,
     ) -> None:
         torch.set_num_threads(1)
+        from actors.model.sources import resolve_model_path
+
+        model_path = resolve_model_path(model_path)  # "demo": this node's cached copy
         self.model_path, self.dtype = model_path, dtype
         self.kv_budget_tokens, self.block_size = kv_budget_tokens, block_size
         self.device = torch.device(device) if device is not None else pick_device()

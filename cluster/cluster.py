@@ -133,7 +133,10 @@ class Cluster:
             else:
                 ray.init(address="local", num_gpus=config.num_gpus, **kwargs)
                 owns_ray = True
-        tokenizer = _load_tokenizer(config.target)
+        from actors.model.sources import resolve_model_path
+
+        local_target = resolve_model_path(config.target, progress=True)  # "demo" -> this node's cached copy
+        tokenizer = _load_tokenizer(local_target)
         workers = WorkerSet(config)
         try:
             workers.start()
@@ -145,7 +148,9 @@ class Cluster:
                 ray.shutdown()
             raise
         engine.start()
-        return cls(config, workers, engine, tokenizer, owns_ray=owns_ray)
+        cluster = cls(config, workers, engine, tokenizer, owns_ray=owns_ray)
+        cluster.local_target = local_target
+        return cluster
 
     def shutdown(self) -> None:
         import ray
@@ -184,7 +189,7 @@ class Cluster:
         if not hasattr(self, "_eos"):
             from actors.model.loader import load_config
 
-            ids = set(load_config(self.config.target).eos_token_ids)
+            ids = set(load_config(getattr(self, "local_target", self.config.target)).eos_token_ids)
             if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
                 ids.add(int(self.tokenizer.eos_token_id))
             self._eos = tuple(sorted(ids))

@@ -8,7 +8,8 @@ nested ``serve`` section (``ServeOptions``).
 
 Sources (``load_config``), later ones win: defaults < YAML file < environment (``OUTRIDER_<FIELD>``
 for every top-level field and every ``serve`` field, e.g. ``OUTRIDER_DRAFT=self:8``,
-``OUTRIDER_HTTP_PORT=9000``, ``OUTRIDER_API_KEY=...``) < CLI flags. A bad value raises
+``OUTRIDER_HTTP_PORT=9000``, ``OUTRIDER_API_KEY=...``; ``OUTRIDER_STORES_<FIELD>`` for the ``stores``
+section, e.g. ``OUTRIDER_STORES_REDIS_PASSWORD``) < CLI flags. A bad value raises
 ``ConfigError`` naming the field and where the value came from.
 
 Invariants:
@@ -55,6 +56,11 @@ class ServeOptions(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Log level of Serve's components and the deployments.")
     access_log: bool = Field(False, description="Log every HTTP request (Serve's access log; needs log_level INFO).")
+    ingress_resource: str | None = Field(
+        None, min_length=1,
+        description="A Ray custom resource the HTTP/gRPC ingress and the engine server require a sliver of, "
+                    "to pin them to the nodes that advertise it (the Helm chart: the head pod, which its "
+                    "Services select).")
 
     @field_validator("api_key")
     @classmethod
@@ -71,13 +77,53 @@ class ServeOptions(BaseModel):
         return {**self.model_dump(), "api_key": self.api_key_value()}
 
 
+class StoreOptions(BaseModel):
+    """Where the cluster's shared stores live (the ``stores`` section of the config).
+
+    ``memory``: in the engine server's process (one replica, nothing shared, nothing to run).
+    ``redis``: a Redis server every replica reaches at ``redis_url``; the password may be in the
+    URL or, better, in ``redis_password`` (env ``OUTRIDER_STORES_REDIS_PASSWORD``, from a Secret)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["memory", "redis"] = Field("memory", description="Store backend: memory or redis.")
+    redis_url: str | None = Field(
+        None, description="redis://[user:password@]host:port/db or rediss://... (TLS); needed with backend redis.")
+    redis_password: SecretStr | None = Field(
+        None, description="Redis AUTH password (overrides one in the URL).")
+    key_prefix: str = Field("outrider", min_length=1, description="Prefix of every key the cluster writes.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Time to connect to (and ping) the store at start.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            raise ValueError(f"redis_url {value!r}: expected redis://host:port/db, rediss://... or unix://path")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> StoreOptions:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("backend redis needs redis_url")
+        return self
+
+    def password(self) -> str | None:
+        return None if self.redis_password is None else self.redis_password.get_secret_value()
+
+
 class ClusterConfig(BaseModel):
     """Models, roles and GPU counts, speculation and scheduling settings of one cluster."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # models
-    target: str = Field(description="Target checkpoint: a directory (safetensors + config.json) or a .gguf file.")
+    target: str = Field(min_length=1, description="Target checkpoint: a directory (safetensors + config.json), "
+                                                  "a .gguf file, or 'demo' (the demo model, fetched on first use).")
     draft: str = Field("none", description="Draft: 'none', 'self:N' (target's first N layers) or a checkpoint path.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype; 'auto' = the checkpoint's (float32 on CPU).")
@@ -91,6 +137,10 @@ class ClusterConfig(BaseModel):
     num_gpus: int | None = Field(
         None, ge=0, description="GPUs to declare for a local Ray cluster (fake GPUs on a CPU machine).")
     address: str | None = Field(None, description="Ray cluster to join; None starts a local one.")
+    node_pools: Literal["shared", "per_role"] = Field(
+        "shared", description="shared: any node with GPUs hosts any role, a replica on one node; per_role: "
+                              "workers need the Ray resource outrider_target / outrider_draft (1 per GPU) that "
+                              "only their role's nodes advertise (the Helm chart's worker groups).")
 
     # speculation
     num_draft_tokens: int = Field(4, ge=0, le=64, description="Most draft tokens per request per step.")
@@ -117,6 +167,7 @@ class ClusterConfig(BaseModel):
 
     # serving (outrider serve)
     serve: ServeOptions = Field(default_factory=ServeOptions, description="HTTP/gRPC serving options.")
+    stores: StoreOptions = Field(default_factory=StoreOptions, description="The cluster's shared stores.")
 
     @field_validator("draft")
     @classmethod
@@ -154,6 +205,7 @@ class ClusterConfig(BaseModel):
             colocated_draft_fraction=self.colocated_draft_fraction,
             target_cpus_per_worker=self.cpus_per_worker,
             draft_cpus_per_worker=self.cpus_per_worker,
+            role_pools=self.node_pools == "per_role",
         )
 
     def torch_dtype(self):
@@ -176,22 +228,29 @@ class ConfigError(ValueError):
 ENV_PREFIX = "OUTRIDER_"
 
 
+SECTIONS: dict[str, type[BaseModel]] = {"serve": ServeOptions, "stores": StoreOptions}
+# environment names of section fields: serve fields keep the short OUTRIDER_<FIELD> (OUTRIDER_HTTP_PORT),
+# the others carry their section (OUTRIDER_STORES_REDIS_URL)
+_SECTION_ENV_PREFIX = {"serve": "", "stores": "STORES_"}
+
+
 def env_variables() -> dict[str, tuple[str, ...]]:
-    """``OUTRIDER_<NAME>`` -> the config field it sets (``("serve", "http_port")`` for serve fields)."""
+    """``OUTRIDER_<NAME>`` -> the config field it sets (``("serve", "http_port")`` for a section's field)."""
     names: dict[str, tuple[str, ...]] = {}
     for name in ClusterConfig.model_fields:
-        if name != "serve":
+        if name not in SECTIONS:
             names[ENV_PREFIX + name.upper()] = (name,)
-    for name in ServeOptions.model_fields:
-        key = ENV_PREFIX + name.upper()
-        if key in names:
-            raise RuntimeError(f"serve field {name} collides with a cluster field")
-        names[key] = ("serve", name)
+    for section, model in SECTIONS.items():
+        for name in model.model_fields:
+            key = ENV_PREFIX + _SECTION_ENV_PREFIX[section] + name.upper()
+            if key in names:
+                raise RuntimeError(f"{section} field {name} collides with another field's variable {key}")
+            names[key] = (section, name)
     return names
 
 
 def _allows_none(path: tuple[str, ...]) -> bool:
-    fields = ServeOptions.model_fields if path[0] == "serve" else ClusterConfig.model_fields
+    fields = SECTIONS[path[0]].model_fields if len(path) > 1 else ClusterConfig.model_fields
     info = fields[path[-1]]
     return info.default is None or "None" in str(info.annotation)
 
@@ -205,7 +264,8 @@ NULL = _Null()  # a flag value that sets a field to None (a plain None flag mean
 
 
 def merge_sources(path: str | Path | None = None, *, flags: Mapping[str, Any] | None = None,
-                  env: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None
+                  env: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None,
+                  data: Mapping[str, Any] | None = None, data_source: str = "config"
                   ) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
     """The raw field values of ``load_config`` (not validated) and, per field path, where each came from."""
     env = os.environ if env is None else env
@@ -216,10 +276,10 @@ def merge_sources(path: str | Path | None = None, *, flags: Mapping[str, Any] | 
         for key, value in layer.items():
             if value is None and where in ("flag", "default"):
                 continue
-            if key == "serve" and not prefix and isinstance(value, Mapping):
-                put(value, where, ("serve",))
+            if key in SECTIONS and not prefix and isinstance(value, Mapping):
+                put(value, where, (key,))
                 continue
-            target = values.setdefault("serve", {}) if prefix else values
+            target = values.setdefault(prefix[0], {}) if prefix else values
             target[key] = None if value is NULL else value
             source[(*prefix, key)] = where
 
@@ -227,16 +287,14 @@ def merge_sources(path: str | Path | None = None, *, flags: Mapping[str, Any] | 
     if path is not None:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            from_file = yaml.safe_load(path.read_text()) or {}
         except OSError as exc:
             raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of configuration fields at the top level")
-        if "serve" in data and not isinstance(data["serve"], dict):
-            raise ConfigError(f"serve (from {path}): expected a mapping of serving options")
-        put(data, str(path))
+        put(_check_layer(from_file, str(path)), str(path))
+    if data is not None:
+        put(_check_layer(data, data_source), data_source)
     for name, field_path in env_variables().items():
         if name in env:
             raw = env[name]
@@ -246,15 +304,27 @@ def merge_sources(path: str | Path | None = None, *, flags: Mapping[str, Any] | 
     return values, source
 
 
+def _check_layer(data: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of configuration fields at the top level")
+    for section in SECTIONS:
+        if section in data and data[section] is not None and not isinstance(data[section], Mapping):
+            raise ConfigError(f"{section} (from {where}): expected a mapping of {section} options")
+    return data
+
+
 def load_config(path: str | Path | None = None, *, flags: Mapping[str, Any] | None = None,
-                env: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None) -> ClusterConfig:
+                env: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None,
+                data: Mapping[str, Any] | None = None, data_source: str = "config") -> ClusterConfig:
     """One ``ClusterConfig`` from, in rising precedence: ``defaults`` (e.g. the demo model chosen by
-    the CLI), the YAML file at ``path``, ``OUTRIDER_*`` environment variables (``env``, default
+    the CLI), the YAML file at ``path``, the mapping ``data`` (e.g. a Serve application's args; named
+    ``data_source`` in errors), ``OUTRIDER_*`` environment variables (``env``, default
     ``os.environ``; an empty value or ``none`` sets an optional field to None) and ``flags``
     (``None`` values are "not given"; ``NULL`` sets a field to None; serve options under ``"serve"``).
 
     Raises ``ConfigError`` naming the bad field and its source; unknown fields are refused."""
-    values, source = merge_sources(path, flags=flags, env=env, defaults=defaults)
+    values, source = merge_sources(path, flags=flags, env=env, defaults=defaults, data=data,
+                                   data_source=data_source)
     try:
         return ClusterConfig(**values)
     except ValidationError as exc:

@@ -12,11 +12,16 @@ Invariants:
   role's actors so Ray starts them afresh, and ``wait_ready(role)`` polls them without blocking
   longer than asked. A group (TP, or the draft link) is always re-formed on a fresh port after
   any of its members restarted — ``torch.distributed`` cannot re-admit a rank;
-* the draft link uses gloo whenever the two ends share a device or run on CPU, NCCL otherwise.
+* the draft link uses gloo whenever the two ends share a device or run on CPU, NCCL otherwise;
+* joining a cluster whose nodes come and go (``address`` set, or role pools — a Kubernetes
+  deployment whose worker pods may join after the engine starts), a placement the current nodes
+  cannot hold is retried until ``start_timeout_s``, with one log line saying what is awaited; on a
+  local cluster it fails at once.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -25,7 +30,33 @@ import ray
 from cluster.config import ClusterConfig
 from placement.groups import PlacedCluster, create_placement_groups
 from placement.planner import plan
-from placement.spec import DRAFT, TARGET, ClusterResources
+from placement.spec import DRAFT, TARGET, ClusterResources, PlacementError
+
+log = logging.getLogger("outrider.workers")
+
+PLACEMENT_POLL_S = 2.0
+
+
+def plan_when_placeable(config: ClusterConfig, *, poll_s: float = PLACEMENT_POLL_S):
+    """The placement plan of ``config`` on the Ray cluster's nodes; waits for nodes to join (up to
+    ``start_timeout_s``) when the cluster may still grow (module docstring), else fails at once."""
+    may_grow = bool(config.address) or config.node_pools == "per_role"
+    deadline = time.monotonic() + config.start_timeout_s
+    logged = False
+    while True:
+        try:
+            return plan(config.placement_request(), ClusterResources.from_ray())
+        except PlacementError as exc:
+            left = deadline - time.monotonic()
+            if not may_grow or left <= 0:
+                if may_grow:
+                    raise PlacementError(f"{exc} (waited {config.start_timeout_s:g} s for nodes to join)") from None
+                raise
+            if not logged:
+                log.warning("waiting up to %.0f s for nodes that can hold the workers: %s",
+                            config.start_timeout_s, exc)
+                logged = True
+            time.sleep(min(poll_s, left))
 
 
 class WorkerFailure(RuntimeError):
@@ -60,7 +91,7 @@ class WorkerSet:
         from actors.target_worker import TargetWorker
 
         cfg = self.config
-        self.plan = plan(cfg.placement_request(), ClusterResources.from_ray())
+        self.plan = plan_when_placeable(cfg)
         self.placed = create_placement_groups(self.plan, timeout_s=cfg.start_timeout_s)
         common = {"dtype": cfg.torch_dtype(), "kv_budget_tokens": cfg.kv_budget_tokens, "block_size": cfg.block_size}
         restarts = {"max_restarts": cfg.max_worker_restarts, "max_task_retries": 0}

@@ -16,6 +16,12 @@ Rules it keeps:
   there) and the GPU of that bundle is split: target rank 0 takes 1 - fraction, each draft takes
   fraction / num_drafts, rounded down to Ray's 1/10000 grain, and target rank 0 the rest (so the
   shares never sum past 1) — Ray then hands them the same device;
+* role pools (``PlacementRequest.role_pools``, the Helm chart's worker group per role): every
+  bundle also asks for ``outrider_<role>`` (one unit per GPU), which only the nodes of that role's
+  pool advertise, so target ranks land on target nodes and drafts on draft nodes. A replica whose
+  draft has its own bundle is then one PACK group (target and draft may sit on different nodes;
+  the draft link crosses the network) and the planner checks that one target node holds all
+  ``target_tp`` units, so Ray's packing keeps the ranks together; otherwise it stays STRICT_PACK;
 * feasibility is decided here, before anything is created: first-fit decreasing of the replicas
   over each node's GPUs (and CPUs). The node of each replica is the planner's witness that a
   placement exists; Ray picks the actual node. Replicas of one request are identical, so any
@@ -36,9 +42,11 @@ from .spec import (
     RoleSpec,
     fmt_amount,
     floor_share,
+    role_resource,
 )
 
 STRICT_PACK = "STRICT_PACK"
+PACK = "PACK"
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,8 @@ class PlacementPlan:
             drafts = f"{req.num_drafts_per_replica} draft ({how})"
         lines = [
             f"{len(self.replicas)} replica(s) x [target tp={req.target_tp}, {drafts}]: "
-            f"{self.total_gpus} of {self.cluster_gpus} GPUs, one {STRICT_PACK} group per replica",
+            f"{self.total_gpus} of {self.cluster_gpus} GPUs, one {self.replicas[0].strategy} group per replica"
+            + (" (role pools)" if req.role_pools else ""),
             f"{'replica':>7}  {'role':<6}  {'rank':>4}  {'bundle':>6}  {'GPU':>6}  {'CPU':>5}"
             "  node",
         ]
@@ -113,7 +122,7 @@ class PlacementPlan:
 
 
 def _replica_layout(
-    roles: tuple[RoleSpec, ...],
+    roles: tuple[RoleSpec, ...], role_pools: bool = False,
 ) -> tuple[tuple[dict[str, float], ...], dict[str, tuple[WorkerSlot, ...]]]:
     """Bundles and worker slots of one replica (the same for every replica of a request)."""
     bundles: list[dict[str, float]] = []
@@ -122,7 +131,10 @@ def _replica_layout(
         if role.colocated_with is None:
             slots = []
             for _ in range(int(role.num_workers)):
-                bundles.append({"GPU": int(role.gpus_per_worker), "CPU": role.cpus_per_worker})
+                bundle = {"GPU": int(role.gpus_per_worker), "CPU": role.cpus_per_worker}
+                if role_pools:
+                    bundle[role_resource(role.name)] = int(role.gpus_per_worker)
+                bundles.append(bundle)
                 slots.append(WorkerSlot(len(bundles) - 1, int(role.gpus_per_worker),
                                         role.cpus_per_worker))
             workers[role.name] = slots
@@ -217,18 +229,66 @@ def _bin_pack(demands: list[tuple[int, float]], nodes: tuple[NodeResources, ...]
     return [placed[i] for i in range(len(demands))]
 
 
+def _pool_demands(bundles: tuple[dict[str, float], ...]) -> dict[str, list[float]]:
+    """Per role resource, the units of each bundle that asks for it (bundle order)."""
+    demands: dict[str, list[float]] = {}
+    for bundle in bundles:
+        for key, amount in bundle.items():
+            if key not in ("GPU", "CPU"):
+                demands.setdefault(key, []).append(amount)
+    return demands
+
+
+def _plan_pools(req: PlacementRequest, resources: ClusterResources,
+                bundles: tuple[dict[str, float], ...]) -> list[str]:
+    """Role pools: check every role's pool and return a witness node per replica (its target's)."""
+    n = int(req.num_target_replicas)
+    target_key = role_resource(TARGET)
+    witness: list[str] = []
+    for key, units in _pool_demands(bundles).items():
+        pool = [node for node in resources.nodes if node.amount(key) > 0]
+        have = ", ".join(f"{node.node_id[:12]}: {fmt_amount(node.amount(key))}" for node in pool) or "none"
+        where = (f"role pools: the nodes advertise {key} ({have}); each worker group of the role "
+                 "sets it in rayStartParams resources")
+        if not pool:
+            raise PlacementError(f"no node advertises {key}, which the {key.removeprefix('outrider_')} "
+                                 f"workers need ({where})")
+        # a target's ranks stay on one node: its units are one demand; a draft's bundles are separate
+        per_replica = [sum(units)] if key == target_key else list(units)
+        free = {node.node_id: node.amount(key) for node in pool}
+        for replica in range(n):
+            for demand in per_replica:
+                node = next((nid for nid, f in free.items() if f >= demand), None)
+                if node is None:
+                    raise PlacementError(
+                        f"cannot place replica {replica}: it needs {fmt_amount(demand)} {key} on one node "
+                        f"and no node has that much left ({where})")
+                free[node] -= demand
+                if key == target_key:
+                    witness.append(node)
+    return witness
+
+
 def plan(request: PlacementRequest, resources: ClusterResources) -> PlacementPlan:
     """Plan the placement groups for `request` on `resources`, or raise `PlacementError`."""
-    bundles, workers = _replica_layout(request.roles())
+    bundles, workers = _replica_layout(request.roles(), request.role_pools)
     gpus = int(sum(b.get("GPU", 0) for b in bundles))
     cpus = sum(b.get("CPU", 0) for b in bundles)
-    _check_cluster(request, resources, gpus, cpus)
     n = int(request.num_target_replicas)
-    node_ids = _bin_pack([(gpus, cpus)] * n, resources.nodes)
+    strategy = STRICT_PACK
+    if request.role_pools:
+        if resources.total_gpus == 0:
+            raise PlacementError("the cluster has 0 GPUs and every role needs one")
+        node_ids = _plan_pools(request, resources, bundles)
+        if len(workers) > 1 and any(s.bundle_index != 0 for s in workers.get(DRAFT, ())):
+            strategy = PACK  # a draft with a bundle of its own lives in the draft pool
+    else:
+        _check_cluster(request, resources, gpus, cpus)
+        node_ids = _bin_pack([(gpus, cpus)] * n, resources.nodes)
     replicas = tuple(
-        ReplicaPlan(i, tuple(dict(b) for b in bundles), STRICT_PACK, dict(workers), node_ids[i])
+        ReplicaPlan(i, tuple(dict(b) for b in bundles), strategy, dict(workers), node_ids[i])
         for i in range(n))
     return PlacementPlan(request, replicas, resources.total_gpus)
 
 
-__all__ = ["DRAFT", "TARGET", "STRICT_PACK", "PlacementPlan", "ReplicaPlan", "WorkerSlot", "plan"]
+__all__ = ["DRAFT", "TARGET", "PACK", "STRICT_PACK", "PlacementPlan", "ReplicaPlan", "WorkerSlot", "plan"]

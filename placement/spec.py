@@ -22,6 +22,16 @@ from dataclasses import dataclass
 TARGET = "target"
 DRAFT = "draft"
 
+# With role pools (``PlacementRequest.role_pools``), a worker of role R also asks for one unit per
+# GPU of the Ray custom resource ``outrider_R``, which only the nodes of R's pool advertise (the Helm
+# chart's worker group of that role sets it in ``rayStartParams``).
+ROLE_RESOURCE_PREFIX = "outrider_"
+
+
+def role_resource(role: str) -> str:
+    """The Ray custom resource that marks the nodes of `role`'s pool: ``outrider_<role>``."""
+    return ROLE_RESOURCE_PREFIX + role
+
 # Ray accounts fractional resources in units of 1/10000; shares are rounded down to that grain so
 # that a GPU split between a target and its drafts never sums to more than one.
 RESOURCE_GRAIN = 10_000
@@ -115,8 +125,11 @@ class PlacementRequest:
     colocated_draft_fraction: float = 0.5
     target_cpus_per_worker: float = 1.0
     draft_cpus_per_worker: float = 1.0
+    role_pools: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.role_pools, bool):
+            raise PlacementError(f"role_pools={self.role_pools!r}: must be True or False")
         _require_whole("target_tp", self.target_tp, 1, " (the target needs at least one GPU)")
         _require_whole("num_target_replicas", self.num_target_replicas, 1)
         _require_whole("num_drafts_per_replica", self.num_drafts_per_replica, 0)
@@ -180,6 +193,7 @@ class NodeResources:
     node_id: str
     num_gpus: int
     num_cpus: float
+    custom: tuple[tuple[str, float], ...] = ()  # Ray custom resources, e.g. (("outrider_target", 4),)
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not self.node_id:
@@ -187,6 +201,12 @@ class NodeResources:
                 f"NodeResources.node_id={self.node_id!r}: must be a non-empty string")
         _require_whole(f"node {self.node_id} num_gpus", self.num_gpus, 0)
         _require_non_negative(f"node {self.node_id} num_cpus", self.num_cpus)
+        for name, amount in self.custom:
+            _require_non_negative(f"node {self.node_id} resource {name}", amount)
+
+    def amount(self, resource: str) -> float:
+        """This node's total of a custom resource (0 when it has none)."""
+        return sum(a for n, a in self.custom if n == resource)
 
 
 @dataclass(frozen=True)
@@ -230,7 +250,9 @@ class ClusterResources:
 
         nodes = tuple(
             NodeResources(n["NodeID"], int(n["Resources"].get("GPU", 0)),
-                          float(n["Resources"].get("CPU", 0)))
+                          float(n["Resources"].get("CPU", 0)),
+                          tuple(sorted((k, float(v)) for k, v in n["Resources"].items()
+                                       if k.startswith(ROLE_RESOURCE_PREFIX))))
             for n in ray.nodes() if n.get("Alive"))
         if not nodes:
             raise PlacementError("the Ray cluster has no alive nodes")

@@ -1,6 +1,8 @@
 """Test-wide settings. The models in tests are tiny: one intra-op thread is fastest for them, and
 several threads per process oversubscribe a 2-core CI machine by orders of magnitude. Modules
-that need Ray share one local instance per module (``ray_local``): 2 CPUs, 4 fake GPUs."""
+that need Ray share one local instance per module (``ray_local``): 2 CPUs, 4 fake GPUs, and the
+role-pool resources the Helm chart's worker groups advertise (2 units each of ``outrider_target``
+and ``outrider_draft``), which only placements with ``node_pools: per_role`` ask for."""
 
 import os
 
@@ -17,6 +19,7 @@ def ray_local():
     import ray
 
     ray.init(address="local", num_cpus=2, num_gpus=4, object_store_memory=256 * 2**20,
+             resources={"outrider_target": 2, "outrider_draft": 2},
              include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

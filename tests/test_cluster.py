@@ -174,6 +174,31 @@ def test_tensor_parallel_target_with_a_draft(ray_local, checkpoints, target_mode
         assert max(o.stats["mean_accepted_length"] for o in got) > 1.0
 
 
+def test_role_pools_put_each_worker_on_its_roles_resource(ray_local, checkpoints, target_model):
+    """node_pools per_role (the Helm chart): the bundles ask for outrider_target / outrider_draft."""
+    from ray.util.placement_group import placement_group_table
+
+    prompts = make_prompts()[:2]
+    params = greedy_params(4)[:2]
+    with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=2, node_pools="per_role")) as cluster:
+        (group,) = cluster.workers.placed.groups
+        table = placement_group_table(group)
+        assert table["strategy"] == "PACK"
+        assert [b.get("outrider_target", 0) for b in table["bundles"].values()] == [1, 0]
+        assert [b.get("outrider_draft", 0) for b in table["bundles"].values()] == [0, 1]
+        got = run_concurrently(cluster, prompts, params)
+        assert [o.token_ids for o in got] == expected(target_model, prompts, params)
+
+
+def test_role_pools_wait_for_nodes_then_say_what_is_missing(ray_local, checkpoints):
+    from placement.spec import PlacementError
+
+    start = time.monotonic()
+    with pytest.raises(PlacementError, match=r"needs 3 outrider_target on one node.*waited 2 s for nodes"):
+        Cluster.start(config(checkpoints[0], target_gpus=3, node_pools="per_role", start_timeout_s=2))
+    assert 1.5 < time.monotonic() - start < 10
+
+
 @pytest.fixture(scope="module")
 def spec_cluster(ray_local, checkpoints):
     with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=3, max_waiting=8)) as cluster:

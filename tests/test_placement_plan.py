@@ -246,3 +246,57 @@ def test_invalid_clusters():
     with pytest.raises(PlacementError, match="num_gpus=1.5"):
         NodeResources("a", 1.5, 1)
     assert isinstance(PlacementError("x"), ValueError)
+
+
+# ---- role pools (the Helm chart's worker group per role) -------------------------------------
+
+
+def pools(target=(4,), draft=(1,), head_gpus=0):
+    """A head node without GPUs, target-pool nodes and draft-pool nodes (as the chart renders them)."""
+    nodes = [NodeResources("head", head_gpus, 8)]
+    nodes += [NodeResources(f"target-{i}", g, 16, (("outrider_target", g),)) for i, g in enumerate(target)]
+    nodes += [NodeResources(f"draft-{i}", g, 16, (("outrider_draft", g),)) for i, g in enumerate(draft)]
+    return ClusterResources(tuple(nodes))
+
+
+def test_role_pools_bundles_ask_for_their_role_resource_and_pack_across_pools():
+    p = plan(PlacementRequest(target_tp=4, draft_gpus=1, role_pools=True), pools())
+    (r,) = p.replicas
+    assert r.strategy == "PACK"  # target and draft live on different nodes
+    assert r.bundles == ({"GPU": 1, "CPU": 1, "outrider_target": 1},) * 4 + (
+        {"GPU": 1, "CPU": 1, "outrider_draft": 1},)
+    assert r.node_id == "target-0"
+    assert "role pools" in p.describe().splitlines()[0]
+
+
+def test_role_pools_colocated_draft_stays_strict_pack_in_the_target_pool():
+    p = plan(PlacementRequest(target_tp=2, colocate=True, role_pools=True), pools(target=(2,), draft=()))
+    (r,) = p.replicas
+    assert r.strategy == STRICT_PACK
+    assert r.bundles == ({"GPU": 1, "CPU": 2, "outrider_target": 1}, {"GPU": 1, "CPU": 1, "outrider_target": 1})
+    assert all("outrider_draft" not in b for b in r.bundles)
+
+
+def test_role_pools_refuse_a_missing_pool_naming_the_resource():
+    with pytest.raises(PlacementError, match="no node advertises outrider_draft.*rayStartParams"):
+        plan(PlacementRequest(target_tp=1, draft_gpus=1, role_pools=True), pools(target=(1,), draft=()))
+
+
+def test_role_pools_keep_a_targets_ranks_on_one_node():
+    # two target nodes of 2 GPUs hold 4 units in all, but no single node holds the TP=4 target
+    with pytest.raises(PlacementError, match="needs 4 outrider_target on one node.*target-0: 2, target-1: 2"):
+        plan(PlacementRequest(target_tp=4, draft_gpus=1, role_pools=True), pools(target=(2, 2)))
+
+
+def test_role_pools_place_replicas_on_separate_target_nodes():
+    p = plan(PlacementRequest(target_tp=2, num_target_replicas=2, draft_gpus=1, role_pools=True),
+             pools(target=(2, 2), draft=(2,)))
+    assert nodes_of(p) == ["target-0", "target-1"]
+    with pytest.raises(PlacementError, match="cannot place replica 1.*outrider_draft"):
+        plan(PlacementRequest(target_tp=2, num_target_replicas=2, draft_gpus=1, role_pools=True),
+             pools(target=(2, 2), draft=(1,)))
+
+
+def test_role_pools_off_ignores_custom_resources():
+    p = plan(PlacementRequest(target_tp=1, draft_gpus=1), ClusterResources.local(2, 8))
+    assert p.replicas[0].bundles == (ONE, ONE)

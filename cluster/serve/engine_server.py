@@ -72,7 +72,15 @@ def unwrap_error(exc: BaseException) -> BaseException:
 
 
 def default_model_name(config: ClusterConfig) -> str:
-    return config.serve.model_name or Path(config.target).name.removesuffix(".gguf") or "outrider"
+    from actors.model.sources import is_demo
+
+    if config.serve.model_name:
+        return config.serve.model_name
+    if is_demo(config.target):
+        from cluster.demo_model import DEMO_MODEL_NAME
+
+        return DEMO_MODEL_NAME
+    return Path(config.target).name.removesuffix(".gguf") or "outrider"
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=5, health_check_timeout_s=30)
