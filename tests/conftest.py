@@ -5,6 +5,10 @@ role-pool resources the Helm chart's worker groups advertise (2 units each of ``
 and ``outrider_draft``), which only placements with ``node_pools: per_role`` ask for."""
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 
 import pytest
 import torch
@@ -23,3 +27,59 @@ def ray_local():
              include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+REDIS_PASSWORD = "test-redis-password"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A real ``redis-server`` on 127.0.0.1 with AUTH, no persistence; ``restart`` keeps the port."""
+
+    def __init__(self, binary: str, tmp) -> None:
+        self.binary, self.dir, self.port = binary, tmp, free_port()
+        self.password, self.proc = REDIS_PASSWORD, None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(
+            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--requirepass", self.password,
+             "--save", "", "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not listen on 127.0.0.1:{self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """A real Redis for the store tests. Missing ``redis-server`` skips, except where
+    ``OUTRIDER_REQUIRE_REDIS=1`` (``.ci/run`` installs it and sets that): then it fails."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("OUTRIDER_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(binary, tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

@@ -31,6 +31,10 @@ under it; the engine restarts its workers) raises ``RequestFailedError``. A temp
 original. A caller that stops iterating or is cancelled (a client disconnect) aborts the request:
 its KV is freed on every worker at the engine's next step.
 
+Shared store: the replica opens ``config.stores`` before it starts the cluster (an unreachable Redis
+fails the start with a clear message) and announces itself there (``cluster.stores.EngineRegistry``);
+``health`` reports the store, ``engines`` lists the live engines of its model.
+
 Invariants: a request yields chunks whose ``token_ids`` concatenate to the final ``token_ids``;
 the engine is shut down with the replica; ``check_health`` fails (Serve replaces the replica)
 when the engine died by itself, not when it was stopped with ``shutdown_engine``.
@@ -90,10 +94,14 @@ class EngineServer:
     def __init__(self, config: dict) -> None:
         from cluster.cluster import Cluster
 
+        from cluster.stores import EngineRegistry, open_store
+
         self.config = ClusterConfig(**config)
         self.model_name = default_model_name(self.config)
+        self.store = open_store(self.config.stores)  # an unreachable store fails the start, clearly
         self.cluster = Cluster.start(self.config)
         self._stopped_on_request = False
+        self.registry = EngineRegistry(self.store, self.model_name, self.cluster.health).start()
         _quiet_expected_errors()
         log.info("engine server up: model %s, context %d", self.model_name, self.cluster.max_context)
 
@@ -218,7 +226,12 @@ class EngineServer:
         if self._stopped_on_request:
             return {"serving": False, "reason": "the engine was shut down"}
         serving, reason = self.cluster.health()
-        return {"serving": bool(serving), "reason": reason}
+        store = self.store.describe if self.registry.last_error is None else self.registry.last_error
+        return {"serving": bool(serving), "reason": reason, "stores": store}
+
+    def engines(self) -> dict:
+        """The live engines of this model announced in the shared store (this one included)."""
+        return self.registry.engines()
 
     def check_health(self) -> None:
         """Serve's replica health check: a dead engine gets the replica replaced (and restarted)."""
@@ -248,9 +261,13 @@ class EngineServer:
     def shutdown_engine(self) -> None:
         """Stop the engine and its workers; health then reports NOT_SERVING (no automatic restart)."""
         self._stopped_on_request = True
+        self.registry.stop()
         self.cluster.shutdown()
 
     def __del__(self) -> None:
+        registry = getattr(self, "registry", None)
+        if registry is not None:
+            registry.stop()
         cluster = getattr(self, "cluster", None)
         if cluster is not None:
             try:

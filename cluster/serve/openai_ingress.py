@@ -494,9 +494,10 @@ class OpenAIServer:
         except Exception as exc:  # noqa: BLE001 - the replica is gone or failing: not serving
             cause = unwrap_error(exc)
             state = {"serving": False, "reason": f"{type(cause).__name__}: {cause}"}
+        body = {"reason": state["reason"], **({"stores": state["stores"]} if state.get("stores") else {})}
         if state["serving"]:
-            return {"status": "SERVING", "reason": state["reason"]}
-        return JSONResponse({"status": "NOT_SERVING", "reason": state["reason"]}, status_code=503)
+            return {"status": "SERVING", **body}
+        return JSONResponse({"status": "NOT_SERVING", **body}, status_code=503)
 
     async def metrics(self) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
