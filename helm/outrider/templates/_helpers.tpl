@@ -241,6 +241,19 @@ Rendering fails with a message that names the value to use instead.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- $reserved := dict "6379" "the Ray GCS" "8265" "the Ray dashboard" "10001" "the Ray client server" "52365" "the Ray dashboard agent" "8080" "Ray's metrics export" -}}
+{{- $ports := dict "service.http.port" (int .Values.service.http.port) -}}
+{{- if .Values.service.grpc.enabled -}}
+{{- $_ := set $ports "service.grpc.port" (int .Values.service.grpc.port) -}}
+{{- if eq (int .Values.service.grpc.port) (int .Values.service.http.port) -}}
+{{- fail (printf "service.http.port and service.grpc.port are both %d: the HTTP and gRPC APIs need their own ports" (int .Values.service.http.port)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $where, $port := $ports -}}
+{{- if hasKey $reserved (toString $port) -}}
+{{- fail (printf "%s=%d is the port of %s on the head pod; choose another" $where $port (index $reserved (toString $port))) -}}
+{{- end -}}
+{{- end -}}
 {{- if and (eq (include "outrider.draftMode" .) "colocated") (gt (int .Values.workers.draft.gpus) 1) -}}
 {{- fail "workers.draft.gpus > 1 needs workers.draft.placement: separate (a colocated draft shares one GPU of the target)" -}}
 {{- end -}}
