@@ -370,6 +370,36 @@ def test_deadline_aborts_the_request(served):
     assert wait_aborted(served, "slow-deadline"), engine_state(served)["aborted"]
 
 
+def _grpc_counts(served, app: str) -> dict[tuple[str, str], float]:
+    handle = serve.get_deployment_handle("GrpcIngress", app_name=app)
+    text = handle.metrics_text.remote().result(timeout_s=10).decode()
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("outrider_grpc_requests_total{"):
+            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.index("}")].split(","))
+            counts[(labels["method"].strip('"'), labels["code"].strip('"'))] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_edge_metrics_count_calls_by_method_and_code(served):
+    ports = served["ports"]
+    before = {app: _grpc_counts(served, app) for app in ("open", "auth")}
+    run(unary(ports["open"], request("abc", max_tokens=2)))
+    run(streamed(ports["open"], request("abc", max_tokens=2)))
+    assert code_of(unary(ports["open"], request(None))).code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(unary(ports["auth"], request("abc"))).code() == grpc.StatusCode.UNAUTHENTICATED
+    after = {app: _grpc_counts(served, app) for app in ("open", "auth")}
+
+    def delta(app, method, code):
+        return after[app].get((method, code), 0) - before[app].get((method, code), 0)
+
+    assert delta("open", "Generate", "OK") == 1 and delta("open", "GenerateStream", "OK") == 1
+    assert delta("open", "Generate", "INVALID_ARGUMENT") == 1
+    assert delta("auth", "Generate", "UNAUTHENTICATED") == 1
+    text = serve.get_deployment_handle("GrpcIngress", app_name="open").metrics_text.remote().result().decode()
+    assert "outrider_grpc_time_to_first_token_seconds_count" in text and "outrider_grpc_streams_active" in text
+
+
 def test_port_in_use_fails_the_replica_constructor():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -184,6 +184,11 @@ def test_completion_matches_python_api(client, http, python_api, server):
             reply = pb_grpc.GenerationStub(channel).Generate(
                 pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(max_tokens=24)), timeout=60)
         assert reply.text == reference.text and list(reply.token_ids) == reference.token_ids
+        # one scrape of /metrics sees the gRPC edge too
+        grpc_ok = [line for line in http.get("/metrics").text.splitlines()
+                   if line.startswith("outrider_grpc_requests_total{") and 'method="Generate"' in line
+                   and 'code="OK"' in line]
+        assert grpc_ok and float(grpc_ok[0].rsplit(" ", 1)[1]) >= 1
 
 
 def test_chat_matches_python_api(client, python_api, server):

@@ -12,6 +12,10 @@ Services:
   ``health_timeout_s`` (stuck, gone) is NOT_SERVING;
 * server reflection (v1alpha), so ``grpcurl`` needs no ``.proto``.
 
+Metrics (``metrics()``, Prometheus text; the HTTP ingress appends it to ``GET /metrics``): RPCs of
+the Generation service by method and status code, their duration, the time to a stream's first
+message, and the streams open now — counted at this edge, beside the engine's own metrics.
+
 Errors: a bad field (checked here, then by the engine) -> INVALID_ARGUMENT with a message naming
 it; ``EngineOverloadedError`` or Serve back-pressure -> RESOURCE_EXHAUSTED with trailing metadata
 ``retry-after`` (whole seconds) and ``retry-after-ms``; ``EngineDeadError`` or an unreachable
@@ -29,9 +33,11 @@ next step; a port that cannot be bound fails the replica's constructor (no silen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -167,6 +173,64 @@ async def _awaited(response):
     return await response
 
 
+class _GrpcMetrics:
+    """The gRPC edge's own Prometheus metrics (one registry per ingress replica)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+        self.requests = Counter("outrider_grpc_requests", "gRPC calls of the Generation service by method and status code",
+                                ["model", "method", "code"], registry=self.registry)
+        self.latency = Histogram("outrider_grpc_request_duration_seconds", "gRPC call time until its status was sent",
+                                 ["model", "method"], buckets=buckets, registry=self.registry)
+        self.ttft = Histogram("outrider_grpc_time_to_first_token_seconds",
+                              "time from a GenerateStream call's arrival to its first message",
+                              ["model"], buckets=buckets, registry=self.registry)
+        self.streams = Gauge("outrider_grpc_streams_active", "GenerateStream calls open now", ["model"],
+                             registry=self.registry)
+
+    @contextlib.contextmanager
+    def track(self, method: str, context: grpc.aio.ServicerContext, model: str):
+        """Count one call: its status is the context's code (set by ``abort``), CANCELLED when the
+        client went away, INTERNAL for an unexpected error, else OK."""
+        start = time.perf_counter()
+        code = None
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            raise
+        finally:
+            if code is None:
+                code = _context_code(context) or grpc.StatusCode.OK
+            self.requests.labels(model, method, code.name).inc()
+            self.latency.labels(model, method).observe(time.perf_counter() - start)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def _context_code(context) -> grpc.StatusCode | None:
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 - older grpc without ServicerContext.code()
+        return None
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        return next((c for c in grpc.StatusCode if c.value[0] == code), None)
+    return None
+
+
 class _Generation(pb_grpc.GenerationServicer):
     """The Generation service over an engine handle."""
 
@@ -194,7 +258,29 @@ class _Generation(pb_grpc.GenerationServicer):
         context.add_done_callback(lambda _ctx: events.cancel())
         return events
 
+    def _model(self) -> str:
+        info = self.ingress._info
+        return (info or {}).get("model") or self.ingress._model_name or "unknown"
+
     async def Generate(self, request, context):
+        with self.ingress.metrics.track("Generate", context, self._model()):
+            return await self._generate(request, context)
+
+    async def GenerateStream(self, request, context) -> AsyncIterator[pb.GenerateStreamResponse]:
+        metrics, start, first = self.ingress.metrics, time.perf_counter(), True
+        with metrics.track("GenerateStream", context, self._model()):
+            model = self._model()
+            metrics.streams.labels(model).inc()
+            try:
+                async for message in self._generate_stream(request, context):
+                    if first:
+                        metrics.ttft.labels(model).observe(time.perf_counter() - start)
+                        first = False
+                    yield message
+            finally:
+                metrics.streams.labels(model).dec()
+
+    async def _generate(self, request, context):
         body, model = await self._prepare(request, context)
         events = self._open(body, context)
         final = None
@@ -218,7 +304,7 @@ class _Generation(pb_grpc.GenerationServicer):
             finish_reason=_FINISH.get(final.get("finish_reason"), pb.FINISH_REASON_UNSPECIFIED),
             usage=_usage(final), stats=_stats(final), model=model)
 
-    async def GenerateStream(self, request, context) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def _generate_stream(self, request, context) -> AsyncIterator[pb.GenerateStreamResponse]:
         body, model = await self._prepare(request, context)
         events = self._open(body, context)
         sent_text, sent_ids = [], 0
@@ -277,6 +363,7 @@ class GrpcIngress:
         self._health_timeout_s = float(opts.get("health_timeout_s") or 10.0)
         self._info: dict | None = None
         self._info_lock = asyncio.Lock()
+        self.metrics = _GrpcMetrics()
         self.serving: bool | None = None  # the last health poll's verdict
         self.health_reason = "not checked yet"
 
@@ -352,6 +439,10 @@ class GrpcIngress:
                 log.exception("gRPC health poll failed")
 
     # ----------------------------------------------------------------- Serve methods
+    async def metrics_text(self) -> bytes:
+        """This edge's Prometheus text (module docstring)."""
+        return self.metrics.render()
+
     async def ready(self) -> dict:
         """Where the server listens (tests, the CLI)."""
         return {"host": self.host, "port": self.port}

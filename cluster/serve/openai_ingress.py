@@ -513,7 +513,19 @@ class OpenAIServer:
         except Exception as exc:  # noqa: BLE001 - still export what the ingress has
             engine = f"# engine metrics unavailable: {type(unwrap_error(exc)).__name__}\n".encode()
         own = self.http_metrics.render() if self.http_metrics is not None else b""
-        return Response(engine + own, media_type=CONTENT_TYPE_LATEST)
+        return Response(engine + own + await self._grpc_metrics(), media_type=CONTENT_TYPE_LATEST)
+
+    async def _grpc_metrics(self) -> bytes:
+        """The gRPC edge's metrics (when gRPC is on), so one scrape sees both edges."""
+        if self._grpc is None or not hasattr(self._grpc, "metrics_text"):
+            return b""
+        response = self._grpc.metrics_text.remote()
+        try:
+            return await asyncio.wait_for(_awaited(response), HEALTH_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - still export the rest
+            if isinstance(exc, TimeoutError):
+                response.cancel()
+            return f"# gRPC metrics unavailable: {type(unwrap_error(exc)).__name__}\n".encode()
 
 
 def create_app(server: OpenAIServer) -> FastAPI:
