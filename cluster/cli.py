@@ -703,12 +703,20 @@ examples:
   # the cluster only: draft colocated on the target's GPU, taking turns and overlapping
   outrider bench --scenarios cluster-colocated-turns,cluster-colocated-overlap --drafts self:24
 
+  # serving: Poisson arrivals at 2, 4, 8 and 16 requests/s after the closed loop; goodput at
+  # TTFT <= 300 ms and TPOT <= 50 ms; adaptive k seeded with the cost curve measured in the run
+  outrider bench --model shape:1B#cost-curve,cluster-target-only,cluster-colocated-overlap \\
+      --arrival-rates 2,4,8,16 --slo-ttft-ms 300 --slo-tpot-ms 50 --adaptive on --cluster-cost-table measured
+
 A model is the demo model ('demo'), a checkpoint directory, or a shape ('shape:135M', 'shape:1B',
 'shape:3B', 'shape:8B': the real configuration with random weights); 'MODEL@D1,D2' gives that model
 its own drafts, 'MODEL#S1,S2' narrows the scenarios for that model. Drafts: lookup, self:N, a
 checkpoint directory, shape:NAME, or oracle:ALPHA:DRAFT (emulated acceptance ALPHA: the target's
 own tokens, a seeded share replaced; DRAFT's forward passes still run). Results:
-benchmarks/results/<date>-<name>/ (results.json, results.md, PNG plots)."""
+benchmarks/results/<date>-<name>/ (results.json, results.md, PNG plots, and cost_table-<model>.json
+per measured cost curve: pass it as `cost_table` in the cluster config to seed adaptive speculation).
+hf-compiled (static cache + torch.compile, mode reduce-overhead) runs on CUDA only unless
+--hf-compile on; its compile time is reported apart from the timed figures."""
 
 
 def _add_bench(commands) -> None:
@@ -758,6 +766,27 @@ def _add_bench(commands) -> None:
     p.add_argument("--cost-tokens", default="1,2,4,8,16,32,64", metavar="LIST",
                    help="cost curve tokens per sequence (default: 1,2,4,...,64)")
     p.add_argument("--cost-context", type=int, default=256, metavar="N", help="cost curve context tokens (default 256)")
+    p.add_argument("--cluster-cost-table", metavar="FILE|measured",
+                   help="step-cost table of the cluster rows' adaptive policy: 'measured' = this run's cost "
+                   "curve of the model (needs the cost-curve scenario), or a JSON file (default: the policy's "
+                   "prior, corrected online)")
+    p.add_argument("--hf-compile", choices=("auto", "on", "off"), default="auto",
+                   help="hf-compiled row: auto = on CUDA only, on = also on CPU (slow), off = skip (default: auto)")
+    p.add_argument("--arrival-rates", default="", metavar="LIST",
+                   help="open-loop arrival rates, requests/s, comma-separated: each cluster row also runs one "
+                   "seeded Poisson sweep after its closed loop, reporting throughput, TTFT/TPOT percentiles, "
+                   "SLO attainment and goodput per rate; the cluster's batch limit is the largest --concurrency "
+                   "(default: none)")
+    p.add_argument("--arrival-requests", type=int, default=16, metavar="N", help="requests per rate (default: 16)")
+    p.add_argument("--arrival-cv", type=float, default=1.0, metavar="CV",
+                   help="coefficient of variation of the inter-arrival gaps: 1 = Poisson (exponential), > 1 = "
+                   "bursty (gamma) (default: 1)")
+    p.add_argument("--slo-ttft-ms", type=float, default=500.0, metavar="MS",
+                   help="time-to-first-token SLO for goodput, ms (default: 500)")
+    p.add_argument("--slo-tpot-ms", type=float, default=100.0, metavar="MS",
+                   help="time-per-output-token SLO for goodput, ms (default: 100)")
+    p.add_argument("--slo-attainment", type=float, default=0.9, metavar="F",
+                   help="goodput = the highest rate at which this share of requests meets both SLOs (default: 0.9)")
     p.add_argument("--time-limit-s", type=float, metavar="S", help="skip what would start after S seconds")
     p.add_argument("--name", default="bench", help="results folder suffix (default: bench)")
     p.add_argument("--out", metavar="DIR", help="results folder (default: benchmarks/results/<date>-<name>)")
@@ -772,6 +801,16 @@ def _int_list(flag: str, text: str) -> list[int]:
         raise CliError(f"{flag} {text}: expected comma-separated integers") from None
     if not values or min(values) < 1:
         raise CliError(f"{flag} {text}: expected positive integers")
+    return values
+
+
+def _float_list(flag: str, text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"{flag} {text}: expected comma-separated numbers") from None
+    if any(not v > 0 for v in values):
+        raise CliError(f"{flag} {text}: expected positive numbers")
     return values
 
 
@@ -790,6 +829,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         shape_dir=args.shape_dir, seed=args.seed, num_gpus=args.num_gpus, cpus_per_worker=args.cpus_per_worker,
         cost_batches=_int_list("--cost-batches", args.cost_batches),
         cost_tokens=_int_list("--cost-tokens", args.cost_tokens), cost_context=args.cost_context,
+        cluster_cost_table=args.cluster_cost_table, hf_compile=args.hf_compile,
+        arrival_rates=_float_list("--arrival-rates", args.arrival_rates), arrival_requests=args.arrival_requests,
+        arrival_cv=args.arrival_cv, slo_ttft_s=args.slo_ttft_ms / 1e3, slo_tpot_s=args.slo_tpot_ms / 1e3,
+        slo_attainment=args.slo_attainment,
         time_limit_s=args.time_limit_s, name=args.name, out_dir=args.out, plots=not args.no_plots)
     try:
         config.validate()

@@ -5,7 +5,9 @@ real: a deliberately wrong "speculative" output is reported as mismatches.
 """
 
 import json
+import math
 import os
+import statistics
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -16,8 +18,11 @@ import ray
 from actors.spec import reference
 from actors.spec.proposers import parse_draft_spec
 from cluster.bench import BenchConfig, greedy_match, run_bench
+from cluster.bench.config import arrival_times
 from cluster.bench.models import shape_hf_config, shape_tensor_shapes
+from cluster.bench.scenarios import arrival_stats
 from cluster.cli import main
+from cluster.speculation_policy import StepCostModel
 from tests.tiny_models import write_tiny_checkpoint
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -72,7 +77,9 @@ def test_every_scenario_kind(ray_local, checkpoint, tmp_path):
     scenarios = ["cost-curve", "ours-target-only", "ours-spec", "hf-target-only", "hf-assisted", "hf-lookup",
                  "cluster-colocated-turns", "cluster-separate-overlap"]
     results = run_bench(tiny_config(checkpoint, tmp_path, scenarios=scenarios, cluster_draft="oracle:0.9:self:1",
-                                    drafts=["lookup", "self:1", "oracle:0.9:self:1"]))
+                                    drafts=["lookup", "self:1", "oracle:0.9:self:1"], cost_tokens=[1, 2, 4],
+                                    cluster_cost_table="measured", arrival_rates=[4.0, 400.0], arrival_requests=4,
+                                    slo_ttft_s=5.0, slo_tpot_s=1.0))
     assert results["errors"] == []
     assert ray.is_initialized()  # the harness joined the module's Ray and left it running
     (model,) = results["models"]
@@ -96,7 +103,7 @@ def test_every_scenario_kind(ray_local, checkpoint, tmp_path):
             assert row["reps"][0]["metrics"]["engine_steps"] > 0
             assert 0.0 <= row["control_plane_share"]["median"] <= 1.0
             assert row["gpus"] == (2 if "separate" in row["scenario"] else 1)
-    assert {(x["batch"], x["tokens_per_seq"]) for x in model["cost_curve"]} == {(1, 1), (1, 4), (2, 1), (2, 4)}
+    assert {(x["batch"], x["tokens_per_seq"]) for x in model["cost_curve"]} == {(b, n) for b in (1, 2) for n in (1, 2, 4)}
     assert model["draft_cost_curve"] and results["floor"]["copy"]["bytes_per_s"] > 0
     by_cat = next(r for r in rows if r["scenario"] == "ours-target-only" and r["concurrency"] == 1)["by_category"]
     assert set(by_cat) == {"writing", "qa"}
@@ -106,8 +113,10 @@ def test_every_scenario_kind(ray_local, checkpoint, tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| scenario | c | tok/s median (min–max)" in md and "emulated α = 0.9" in md
     assert "cluster-separate-overlap" in md and "Per Spec-Bench category" in md
-    for png in ("throughput.png", "cost_curve.png", "acceptance.png"):
+    for png in ("throughput.png", "cost_curve.png", "acceptance.png", "goodput.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG
+    check_arrivals(model, md, ("cluster-colocated-turns", "cluster-separate-overlap"), (4.0, 400.0), 4)
+    check_cost_table(model, md, tmp_path)
 
 
 def test_wrong_speculative_output_is_reported(checkpoint, tmp_path, monkeypatch):
@@ -154,3 +163,107 @@ def test_shapes_and_oracle_spec():
     assert parse_draft_spec("oracle:0.5:self:4") == ("oracle", (0.5, "self:4"))
     with pytest.raises(ValueError):
         parse_draft_spec("oracle:1.5:self:4")
+
+
+# ---------------------------------------------------------------------------- open loop (Poisson arrivals)
+def test_arrival_times_are_seeded_poisson():
+    times = arrival_times(5.0, 4000, seed=3)
+    gaps = [b - a for a, b in zip([0.0] + times, times)]
+    assert all(g > 0 for g in gaps) and times == sorted(times)
+    mean = statistics.fmean(gaps)
+    assert mean == pytest.approx(1 / 5.0, rel=0.06)  # exponential gaps: mean 1/rate ...
+    assert statistics.pstdev(gaps) / mean == pytest.approx(1.0, abs=0.08)  # ... and coefficient of variation 1
+    assert sum(g < mean for g in gaps) / len(gaps) == pytest.approx(1 - math.exp(-1), abs=0.03)  # P(gap < mean)
+    assert arrival_times(5.0, 4000, seed=3) == times  # seeded: the same schedule in every run
+    assert arrival_times(5.0, 50, seed=4) != times[:50]
+    bursty = arrival_times(5.0, 4000, seed=3, cv=3.0)
+    bgaps = [b - a for a, b in zip([0.0] + bursty, bursty)]
+    assert statistics.fmean(bgaps) == pytest.approx(0.2, rel=0.15)
+    assert statistics.pstdev(bgaps) / statistics.fmean(bgaps) == pytest.approx(3.0, rel=0.15)
+    with pytest.raises(ValueError):
+        arrival_times(0.0, 3)
+
+
+def test_arrival_stats_slo_and_goodput():
+    recs = [{"tokens": 5, "ttft_s": 0.1, "tpot_s": 0.01},  # meets both
+            {"tokens": 5, "ttft_s": 0.9, "tpot_s": 0.01},  # TTFT too late
+            {"tokens": 5, "ttft_s": 0.1, "tpot_s": 0.30},  # too slow per token
+            {"tokens": 1, "ttft_s": 0.2, "tpot_s": None},  # one token: no TPOT to miss
+            {"error": "EngineOverloadedError: full"}]  # rejected: misses
+    s = arrival_stats(recs, 2.0, slo_ttft_s=0.5, slo_tpot_s=0.05)
+    assert s["slo_met"] == 2 and s["slo_attainment"] == pytest.approx(0.4) and s["goodput_rps"] == pytest.approx(1.0)
+    assert s["completed"] == 4 and s["failed"] == 1 and s["tok_s"] == pytest.approx(8.0)
+    assert s["ttft_p50_s"] in (0.1, 0.2) and s["ttft_p99_s"] == 0.9
+
+
+def check_arrivals(model, md, scenarios, rates, n):
+    """The open-loop rows of a run with lenient SLOs: one per (scenario, rate), on the seeded schedule."""
+    arrivals = model["arrival_rows"]
+    assert {(r["scenario"], r["rate_rps"]) for r in arrivals} == {(s, rate) for s in scenarios for rate in rates}
+    for row in arrivals:
+        rep = row["reps"][0]
+        assert row["requests"] == n and len(rep["per_request"]) == n and rep["failed"] == 0
+        assert row["schedule_s"] == arrival_times(row["rate_rps"], n, seed=0)  # the seeded schedule
+        assert row["greedy"]["mismatched_requests"] == 0, row["scenario"]
+        assert row["tok_s"]["median"] > 0 and row["ttft_p50_s"]["median"] > 0 and row["tpot_p99_s"]["median"] > 0
+        assert row["ttft_p50_s"]["median"] <= row["ttft_p99_s"]["median"]
+        assert row["slo_attainment"]["median"] == 1.0 and row["meets_slo"]  # lenient SLOs: every request meets
+        assert row["goodput_rps"]["median"] == pytest.approx(n / rep["duration_s"])
+        assert rep["duration_s"] >= row["schedule_s"][-1]  # the last request is sent on schedule, not before
+    assert {g["configuration"].split()[0]: g["goodput_rate_rps"] for g in model["goodput"]} == {
+        s: max(rates) for s in scenarios}
+    assert "| scenario | rate req/s | tok/s |" in md and f"goodput **{max(rates):g} req/s**" in md
+
+
+def check_cost_table(model, md, out):
+    """The run's cost curve as a table: from_table's format, monotone in tokens, used by the cluster rows."""
+    path = out / "cost_table-tiny.json"
+    assert model["cost_table_file"] == str(path) and model["cluster_cost_table"] == str(path)
+    table = json.loads(path.read_text())
+    assert set(table) == {"verify", "draft"}
+    assert sorted((b, n) for b, n, _ in table["verify"]) == sorted(
+        (x["batch"], x["tokens_per_seq"]) for x in model["cost_curve"])
+    assert [b for b, _ in table["draft"]] == [x["batch"] for x in model["draft_cost_curve"]]
+    costs = StepCostModel.from_table(path)
+    one = next(x["median_s"] for x in model["cost_curve"] if x["batch"] == 1 and x["tokens_per_seq"] == 1)
+    assert costs.verify_time(1, 1) == pytest.approx(one, rel=0.5)  # isotonic smoothing aside
+    times = [costs.verify_time_for_tokens(t) for t in (1, 2, 4, 8, 16, 64, 256)]
+    assert all(t > 0 for t in times) and times == sorted(times)  # monotone in the tokens verified
+    assert costs.draft_time(1, 3) == pytest.approx(3 * table["draft"][0][1], rel=1e-6)
+    assert "cost_table-tiny.json" in md
+
+
+def test_hf_compiled_skips_on_cpu_and_survives_a_failed_compile(checkpoint, tmp_path, monkeypatch):
+    results = run_bench(tiny_config(checkpoint, tmp_path, scenarios=["hf-target-only", "hf-compiled"],
+                                    concurrency=[1], plots=False))
+    assert results["errors"] == [] and [r["scenario"] for r in results["models"][0]["rows"]] == ["hf-target-only"]
+    (skip,) = [s for s in results["skipped"] if "hf-compiled" in s["what"]]
+    assert "CUDA only" in skip["why"] and "--hf-compile on" in skip["why"]
+    assert "hf-compiled" in (tmp_path / "results.md").read_text()  # listed under Skipped
+
+    import torch
+
+    calls = []
+
+    def broken_compile(fn, **kwargs):  # inductor unavailable: the compiled call raises when first run
+        calls.append(kwargs)
+
+        def run(*args, **kw):
+            raise RuntimeError("inductor: no compiler")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    results = run_bench(tiny_config(checkpoint, tmp_path / "forced", scenarios=["hf-compiled"], concurrency=[1],
+                                    hf_compile="on", plots=False))
+    assert results["errors"] == [] and results["models"][0]["rows"] == []
+    assert [c["fullgraph"] for c in calls] == [True, False] and calls[0]["mode"] == "reduce-overhead"
+    (skip,) = [s for s in results["skipped"] if "hf-compiled" in s["what"]]
+    assert "torch.compile failed" in skip["why"] and "inductor: no compiler" in skip["why"]
+
+
+def test_cli_bench_arrival_flags(tmp_path):
+    assert main(["bench", "--arrival-rates", "0", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--arrival-rates", "2,x", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--arrival-cv", "0", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--slo-attainment", "1.5", "--out", str(tmp_path)]) == 2

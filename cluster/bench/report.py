@@ -3,7 +3,11 @@
 Tables give the median over the repetitions with the min–max spread, the speedup over our own
 target-only at the same concurrency, the mean accepted length τ, each figure as a fraction of its
 bandwidth floor, and the greedy match against target-only for every row ("0/N" = identical).
-Rows with an oracle drafter say "emulated α" — their acceptance is not real.
+Rows with an oracle drafter say "emulated α" — their acceptance is not real. Open-loop rows
+(Poisson / bursty arrivals) have their own table: per arrival rate, throughput, TTFT / TPOT
+percentiles, the share of requests meeting both SLOs and goodput. Each measured target cost
+curve is also written as ``cost_table-<model>.json`` (``cost_table``), the format
+``cluster.speculation_policy.StepCostModel.from_table`` reads.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PLOTS = ("throughput.png", "cost_curve.png", "acceptance.png")
+PLOTS = ("throughput.png", "cost_curve.png", "acceptance.png", "goodput.png")
 
 
 def write_results(results: dict, out_dir: str | Path, *, plots: bool = True) -> Path:
@@ -22,6 +26,40 @@ def write_results(results: dict, out_dir: str | Path, *, plots: bool = True) -> 
     if plots:
         write_plots(results, out)
     return out
+
+
+# ---------------------------------------------------------------------------- cost table, goodput
+def cost_table(model: dict) -> dict:
+    """A model's measured step costs in ``StepCostModel.from_table``'s format: ``verify`` =
+    ``[[B, n, seconds]]`` (median of one target forward over B sequences x n new tokens each, at the
+    curve's context), ``draft`` = ``[[B, seconds per drafted token]]`` (the first model draft's
+    forward at n = 1, one draft level), when measured."""
+    table = {"verify": [[r["batch"], r["tokens_per_seq"], r["median_s"]] for r in model["cost_curve"]]}
+    if model.get("draft_cost_curve"):
+        table["draft"] = [[r["batch"], r["median_s"]] for r in model["draft_cost_curve"]]
+    return table
+
+
+def arrival_series(row: dict) -> str:
+    return row_name(row).replace("`", "")
+
+
+def goodput_summary(model: dict) -> list[dict]:
+    """Per open-loop configuration: the highest swept arrival rate at which the SLO attainment
+    (median over the repetitions) reached the target (DistServe's goodput), None if none did."""
+    out: dict[str, dict] = {}
+    for row in model.get("arrival_rows") or []:
+        name = arrival_series(row)
+        entry = out.setdefault(name, {"configuration": name, "scenario": row["scenario"], "draft": row["draft"],
+                                      "adaptive": row["adaptive"], "slo": row["slo"], "rates": [],
+                                      "goodput_rate_rps": None})
+        entry["rates"].append(row["rate_rps"])
+        if row.get("meets_slo") and (entry["goodput_rate_rps"] is None or row["rate_rps"] > entry["goodput_rate_rps"]):
+            entry["goodput_rate_rps"] = row["rate_rps"]
+    for entry in out.values():
+        entry["rates"].sort()
+        entry["swept_max"] = entry["goodput_rate_rps"] is not None and entry["goodput_rate_rps"] == entry["rates"][-1]
+    return list(out.values())
 
 
 # ---------------------------------------------------------------------------- markdown
@@ -164,6 +202,43 @@ def markdown(r: dict) -> str:
             lines += ["", f"Draft `{_short_draft(d[0]['draft'])}` step (T = 1): " + ", ".join(
                 f"B={x['batch']}: {x['median_s'] * 1e3:.2f} ms ({_f(x.get('ratio_to_target_step'), '{:.2f}')} of a "
                 "target step)" for x in d)]
+        if model.get("cost_table_file"):
+            lines += ["", (f"Cost table for the adaptive policy: `{Path(model['cost_table_file']).name}` "
+                           "(`StepCostModel.from_table` format; `cost_table: FILE` in the cluster config, or "
+                           "OUTRIDER_COST_TABLE; measured eagerly, without CUDA graphs).")]
+        for x in rows:
+            if x.get("compile"):
+                c = x["compile"]
+                lines += ["", (f"hf-compiled: static cache, torch.compile mode={c['mode']}, fullgraph={c['fullgraph']}"
+                               f"{'' if c['compiled'] else ' (**not compiled**: transformers ran it eagerly)'}; "
+                               f"compile {c['compile_s']:.1f} s (first call {c['first_call_s']:.1f} s, warm-up pass "
+                               f"{c['warmup_s']:.1f} s), not in the timed figures.")]
+        arrivals = model.get("arrival_rows") or []
+        if arrivals:
+            slo = arrivals[0]["slo"]
+            lines += ["", (f"Open loop: {arrivals[0]['requests']} requests per rate, {arrivals[0]['arrival']} arrivals "
+                           f"(seed {arrivals[0]['seed']}), cluster batch limit {arrivals[0]['max_running']}; TTFT and "
+                           "TPOT from the scheduled arrival, as the client sees them. SLO: TTFT ≤ "
+                           f"{slo['ttft_s'] * 1e3:.0f} ms and TPOT ≤ {slo['tpot_s'] * 1e3:.0f} ms; goodput = requests "
+                           "meeting both per second."), "",
+                      ("| scenario | rate req/s | tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | "
+                       "SLO met | goodput req/s | τ | greedy mismatches |"),
+                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            for row in sorted(arrivals, key=lambda x: (arrival_series(x), x["rate_rps"])):
+                lines.append(
+                    f"| {row_name(row)} | {row['rate_rps']:g} | {_spread(row['tok_s'])} | "
+                    f"{_spread(row['ttft_p50_s'], '{:.1f}', 1e3)} | {_spread(row['ttft_p99_s'], '{:.1f}', 1e3)} | "
+                    f"{_spread(row['tpot_p50_s'], '{:.1f}', 1e3)} | {_spread(row['tpot_p99_s'], '{:.1f}', 1e3)} | "
+                    f"{_f(row['slo_attainment']['median'], '{:.0%}')} | {_spread(row['goodput_rps'], '{:.2f}')} | "
+                    f"{_f(row['mean_accepted_length']['median'], '{:.2f}')} | {_greedy(row)} |")
+            lines.append("")
+            for g in goodput_summary(model):
+                rate = g["goodput_rate_rps"]
+                lines.append(f"- {g['configuration']}: goodput "
+                             + (f"**{rate:g} req/s**" + (" (the highest rate swept: a lower bound)" if g["swept_max"]
+                                                          else "") if rate is not None
+                                else f"below the lowest rate swept ({g['rates'][0]:g} req/s)")
+                             + f" (≥ {slo['attainment']:.0%} of requests within both SLOs)")
     if r.get("skipped"):
         lines += ["", "## Skipped", ""] + [f"- {s['what']}: {s['why']}" for s in r["skipped"]]
     if r.get("errors"):
@@ -254,4 +329,40 @@ def write_plots(results: dict, out: Path) -> None:
             ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "acceptance.png", dpi=110)
+    plt.close(fig)
+
+    models = with_data(lambda m: bool(m.get("arrival_rows")))
+    n = len(models)
+    fig, axes = plt.subplots(2, n, figsize=(6 * n, 8), squeeze=False)
+    for col, model in enumerate(models):
+        top, bottom = axes[0][col], axes[1][col]
+        series: dict[str, list] = {}
+        for row in model.get("arrival_rows") or []:
+            series.setdefault(arrival_series(row), []).append(row)
+        rates = sorted({r["rate_rps"] for rows in series.values() for r in rows})
+        for name, rows in sorted(series.items()):
+            rows = sorted(rows, key=lambda r: r["rate_rps"])
+            xs = [r["rate_rps"] for r in rows]
+            g = [r["goodput_rps"] for r in rows]
+            top.errorbar(xs, [x["median"] for x in g], yerr=[[x["median"] - x["min"] for x in g],
+                                                              [x["max"] - x["median"] for x in g]],
+                         marker="o", capsize=3, label=name)
+            bottom.plot(xs, [r["slo_attainment"]["median"] for r in rows], marker="o", label=name)
+        if rates:
+            top.plot(rates, rates, linestyle=":", color="grey", label="every request within SLO")
+            slo = (model["arrival_rows"][0])["slo"]
+            bottom.axhline(slo["attainment"], linestyle=":", color="grey")
+            top.set_title(f"{model['label']} — SLO TTFT ≤ {slo['ttft_s'] * 1e3:.0f} ms, "
+                          f"TPOT ≤ {slo['tpot_s'] * 1e3:.0f} ms", fontsize=9)
+            top.legend(fontsize=6)
+        else:
+            top.set_title(model["label"], fontsize=9)
+        for ax in (top, bottom):
+            ax.set_xlabel("arrival rate, requests/s (open loop)")
+            ax.grid(alpha=0.3)
+        top.set_ylabel("goodput, requests/s within both SLOs")
+        bottom.set_ylabel("share of requests within both SLOs")
+        bottom.set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(out / "goodput.png", dpi=110)
     plt.close(fig)

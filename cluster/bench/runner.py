@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from cluster.bench.config import (
     HF_SCENARIOS,
     SCENARIOS,
     BenchConfig,
+    arrival_times,
     greedy_match,
 )
 from cluster.bench.models import (
@@ -183,6 +185,7 @@ class BenchRun:
                               "errors": [], "skipped": []}
         self._owns_ray = False
         self._only: list[str] | None = None  # the current model's own scenario list
+        self._cost_tables: set[str] = set()  # cost table file names written in this run
         for spec in config.models:
             parse_model_spec(spec)  # raises ValueError on an unknown scenario
 
@@ -277,7 +280,11 @@ class BenchRun:
         return self.results
 
     def write(self) -> None:
-        from cluster.bench.report import write_results
+        from cluster.bench.report import goodput_summary, write_results
+
+        for model in self.results["models"]:
+            if model.get("arrival_rows"):
+                model["goodput"] = goodput_summary(model)
 
         write_results(self.results, self.out_dir, plots=self.config.plots)
 
@@ -326,13 +333,14 @@ class BenchRun:
         mean_prompt = statistics.mean(len(p) for p in prompts)
         model_rec = {
             "label": label, "source": source, "path": str(path), "is_shape": is_shape,
+            "short_name": shape_name(source) if is_shape else label,
             "tokenizer": tokenizer_from,  # None: synthetic prompt ids (about len(text) / 4 random tokens)
             "num_layers": target.config.num_layers, "vocab_size": target.config.vocab_size,
             "weight_bytes_per_step": weight_bytes_per_step(target), "kv_bytes_per_token": target.kv_bytes_per_token,
             "prompts": [{"question_id": e.question_id, "category": e.category, "tokens": len(e.token_ids)}
                         for e in encoded],
             "mean_prompt_tokens": mean_prompt, "stop_token_ids": list(stops), "drafts": drafts,
-            "rows": [], "cost_curve": None, "draft_cost_curve": None,
+            "rows": [], "arrival_rows": [], "cost_curve": None, "draft_cost_curve": None,
         }
         self.results["models"].append(model_rec)
         bw = self.results["floor"]["copy"]["bytes_per_s"]
@@ -374,7 +382,10 @@ class BenchRun:
                     self._error(f"{label} ours-spec {d}", exc)
 
         # -- Hugging Face baselines, batch 1
-        if any(self._wanted(s) for s in HF_SCENARIOS):
+        hf_wanted = [s for s in HF_SCENARIOS if self._wanted(s)]
+        if hf_wanted == ["hf-compiled"] and self._hf_compiled_skip_reason():  # nothing to load the model for
+            self._skip(f"{label} hf-compiled", self._hf_compiled_skip_reason())
+        elif hf_wanted:
             try:
                 self._hf_rows(model_rec, path, prompts, params, drafts, encoded)
             except Exception as exc:  # noqa: BLE001
@@ -468,6 +479,30 @@ class BenchRun:
              + f", greedy mismatches {g['mismatched_requests']}/{g['requests']} requests")
         return row
 
+    def _add_arrival_row(self, model_rec, scenario, draft, k, adaptive, rate, meas, reqs, schedule, *,
+                         max_running: int) -> dict:
+        cfg = self.config
+        reps = meas["reps"]
+        row = {"scenario": scenario, "draft": draft, "k": k, "adaptive": adaptive, "rate_rps": rate,
+               "arrival": "poisson" if cfg.arrival_cv == 1.0 else f"gamma cv={cfg.arrival_cv:g}",
+               "arrival_cv": cfg.arrival_cv, "seed": cfg.seed, "requests": len(reqs), "schedule_s": schedule,
+               "max_running": max_running, "emulated_alpha": oracle_alpha(draft),
+               "slo": {"ttft_s": cfg.slo_ttft_s, "tpot_s": cfg.slo_tpot_s, "attainment": cfg.slo_attainment},
+               "gpus": 2 if scenario.startswith("cluster-separate") else 1, "reps": reps}
+        row["greedy"] = greedy_match(self.reference, meas["outputs"], reqs.prompt_index)
+        for key in ("tok_s", "throughput_rps", "goodput_rps", "slo_attainment", "duration_s", "failed",
+                    "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_s", "tpot_p90_s", "tpot_p99_s",
+                    "mean_accepted_length", "send_lateness_p99_s"):
+            row[key] = _median_spread([r.get(key) for r in reps])
+        att = row["slo_attainment"]["median"]
+        row["meets_slo"] = att is not None and att >= cfg.slo_attainment
+        model_rec["arrival_rows"].append(row)
+        _log(f"  -> {row['tok_s']['median']:.1f} tok/s, SLO met by {'–' if att is None else f'{att:.0%}'} of requests, goodput "
+             f"{row['goodput_rps']['median']:.2f} req/s, TTFT p99 {row['ttft_p99_s']['median'] or 0:.3f} s, "
+             f"TPOT p99 {row['tpot_p99_s']['median'] or 0:.4f} s, greedy mismatches "
+             f"{row['greedy']['mismatched_requests']}/{row['greedy']['requests']}")
+        return row
+
     def _cost_curves(self, model_rec, target, path, drafts) -> None:
         cfg = self.config
         if not self._time_ok(f"{model_rec['label']} cost curve"):
@@ -509,6 +544,25 @@ class BenchRun:
                 del dmodel
         except Exception as exc:  # noqa: BLE001
             self._error(f"{model_rec['label']} cost curve", exc)
+        if model_rec.get("cost_curve"):
+            self._write_cost_table(model_rec)
+
+    def _write_cost_table(self, model_rec) -> None:
+        """``cost_table-<model>.json`` in the results folder, in ``StepCostModel.from_table``'s format:
+        pass it as ``cost_table`` (cluster config file / OUTRIDER_COST_TABLE) to seed the adaptive policy."""
+        from cluster.bench.report import cost_table
+
+        table = cost_table(model_rec)
+        base = "cost_table-" + re.sub(r"[^A-Za-z0-9._-]+", "-", model_rec["short_name"]).strip("-")
+        name, n = f"{base}.json", 2
+        while name in self._cost_tables:  # the same model twice in one run: keep both
+            name, n = f"{base}-{n}.json", n + 1
+        self._cost_tables.add(name)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / name
+        path.write_text(json.dumps(table, indent=1) + "\n")
+        model_rec["cost_table_file"] = str(path)
+        _log(f"  -> cost table {path} ({len(table['verify'])} verify points, {len(table.get('draft', []))} draft)")
 
     def _hf_rows(self, model_rec, path, prompts, params, drafts, encoded) -> None:
         cfg = self.config
@@ -543,8 +597,63 @@ class BenchRun:
                         self._add_row(model_rec, "hf-assisted", draft, k, None, 1, meas, reqs, encoded)
                     finally:
                         del assistant
+            if self._wanted("hf-compiled") and self._time_ok(f"{label} hf-compiled"):
+                self._hf_compiled_row(model_rec, hf, reqs, params, encoded)
         finally:
             del hf
+
+    def _hf_compiled_row(self, model_rec, hf, reqs, params, encoded) -> None:
+        """Static cache + ``torch.compile(mode="reduce-overhead")``: CUDA by default; a compile that
+        fails with ``fullgraph=True`` is retried once without it; a second failure is a skip with
+        its reason (the run goes on)."""
+        cfg, label = self.config, model_rec["label"]
+        what = f"{label} hf-compiled"
+        why = self._hf_compiled_skip_reason()
+        if why:
+            self._skip(what, why)
+            return
+        failures = []
+        for fullgraph in (True, False):
+            _log(f"{label}: hf-compiled (static cache, torch.compile reduce-overhead, fullgraph={fullgraph}); "
+                 "the warm-up pass compiles")
+            try:
+                meas = sc.run_hf_compiled(hf, reqs, params, repetitions=cfg.repetitions, device=self.device,
+                                          fullgraph=fullgraph, all_devices=self.device.type != "cuda")
+            except Exception as exc:  # noqa: BLE001 - a compile failure must not end the run
+                _log(f"  hf-compiled fullgraph={fullgraph} failed: {type(exc).__name__}: {exc}")
+                failures.append(f"fullgraph={fullgraph}: {type(exc).__name__}: {str(exc)[:300]}")
+                self._reset_compile(hf)
+                continue
+            comp = meas["compile"]
+            _log(f"  compile {comp['compile_s']:.1f} s (first call {comp['first_call_s']:.1f} s, "
+                 f"warm-up pass {comp['warmup_s']:.1f} s){'' if comp['compiled'] else '; NOT compiled'}")
+            self._add_row(model_rec, "hf-compiled", "none", 0, None, 1, meas, reqs, encoded,
+                          extra={"compile": comp, "compile_failures": failures})
+            if not comp["compiled"]:
+                self.results["notes"].append(f"{label} hf-compiled: transformers did not compile the decode step "
+                                             "(static cache, eager)")
+            self._reset_compile(hf)
+            return
+        self._skip(what, "torch.compile failed: " + "; ".join(failures))
+
+    def _hf_compiled_skip_reason(self) -> str | None:
+        if self.config.hf_compile == "off":
+            return "hf_compile = off"
+        if self.device.type != "cuda" and self.config.hf_compile == "auto":
+            return (f"the torch.compile baseline runs on CUDA only by default (device {self.device.type}: "
+                    "transformers compiles generate's decode step on accelerators only, and inductor on CPU takes "
+                    "minutes); --hf-compile on forces it")
+        return None
+
+    @staticmethod
+    def _reset_compile(model) -> None:
+        for attr in ("_compiled_call", "_last_compile_config"):
+            if hasattr(model, attr):
+                delattr(model, attr)
+        try:
+            torch._dynamo.reset()
+        except Exception as exc:  # noqa: BLE001
+            _log(f"torch._dynamo.reset failed: {type(exc).__name__}: {exc}")
 
     def _ensure_ray(self) -> None:
         import ray
@@ -582,6 +691,13 @@ class BenchRun:
         longest = max(len(p) for p in prompts)
         kv_tokens = cmax * (longest + cfg.max_tokens + 4 * k + 64) + 256
         adaptive_modes = {"off": [False], "on": [True], "both": [False, True]}[cfg.adaptive]
+        cost_table = cfg.cluster_cost_table
+        if cost_table == "measured":
+            cost_table = model_rec.get("cost_table_file")
+            if cost_table is None:
+                self.results["notes"].append(f"{label}: no cost curve measured (cost-curve scenario), so the cluster "
+                                             "rows start from the adaptive policy's prior")
+        model_rec["cluster_cost_table"] = cost_table
         layouts = {
             "cluster-target-only": {"draft": "none"},
             "cluster-colocated-turns": {"colocate": True, "draft_gpus": 0, "overlap": False},
@@ -609,6 +725,8 @@ class BenchRun:
                           "step_timeout_s": 120.0, "start_timeout_s": 300.0, **layout}
                 if uses_draft and oracle_file is not None:
                     fields["oracle_continuations"] = str(oracle_file)
+                if uses_draft and cost_table is not None:
+                    fields["cost_table"] = cost_table
                 fields["draft"] = draft if uses_draft else "none"
                 try:
                     _log(f"{what}: starting the cluster")
@@ -629,6 +747,19 @@ class BenchRun:
                                           meas, reqs, encoded,
                                           extra={"cluster_start_s": start_s, "placement": placement,
                                                  "workers": devices})
+                        # open loop: Poisson (or bursty) arrivals per rate, on the same (warm) cluster
+                        for rate in cfg.arrival_rates:
+                            if not self._time_ok(f"{what} arrivals {rate:g}/s"):
+                                break
+                            reqs = sc.Requests.cycle(prompts, cfg.arrival_requests)
+                            schedule = arrival_times(rate, len(reqs), seed=cfg.seed, cv=cfg.arrival_cv)
+                            _log(f"{what} arrivals {rate:g}/s ({len(reqs)} requests, cv {cfg.arrival_cv:g}, "
+                                 f"offered over {schedule[-1]:.1f} s)")
+                            meas = sc.run_arrivals(cluster, reqs, schedule, params, slo_ttft_s=cfg.slo_ttft_s,
+                                                   slo_tpot_s=cfg.slo_tpot_s, repetitions=cfg.repetitions,
+                                                   max_positions=max(k, 1))
+                            self._add_arrival_row(model_rec, scenario, fields["draft"], k if uses_draft else 0,
+                                                  adaptive, rate, meas, reqs, schedule, max_running=cmax)
                 except Exception as exc:  # noqa: BLE001
                     self._error(what, exc)
         if oracle_file is not None:

@@ -8,8 +8,14 @@ numbers; the greedy outputs of the first repetition (checked against target-only
   are generated in static batches of c (a closed loop in which a batch ends together);
 * ``run_hf``: ``model.generate`` one request at a time (target-only, ``assistant_model=`` or
   ``prompt_lookup_num_tokens=``; transformers' assisted modes take batch 1 only);
+* ``run_hf_compiled``: the same with transformers' fastest single-request form, a static KV cache
+  and the decode step compiled with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); the
+  compile happens in an untimed warm-up pass and is reported on its own;
 * ``run_cluster``: ``Cluster.generate`` with c concurrent clients, each sending its next request
   when the last one finished (continuous batching in the engine), metrics read before and after;
+* ``run_arrivals``: ``Cluster.generate`` open loop: each request sent at its scheduled arrival time
+  (``config.arrival_times``: Poisson or bursty), whatever is still running; client-side TTFT / TPOT
+  from the scheduled arrival, and the share of requests meeting both SLOs (goodput);
 * ``cost_curve``: one target forward (``StepBatch.build`` + ``forward`` + rollback) over B
   sequences x T new tokens each at a fixed context: where verification stops being free.
 """
@@ -37,6 +43,11 @@ class Requests:
     @classmethod
     def for_concurrency(cls, prompts: list[tuple[int, ...]], concurrency: int) -> Requests:
         n = max(len(prompts), concurrency)
+        return cls([prompts[i % len(prompts)] for i in range(n)], [i % len(prompts) for i in range(n)])
+
+    @classmethod
+    def cycle(cls, prompts: list[tuple[int, ...]], n: int) -> Requests:
+        """Exactly ``n`` requests, going round the prompts."""
         return cls([prompts[i % len(prompts)] for i in range(n)], [i % len(prompts) for i in range(n)])
 
     def __len__(self) -> int:
@@ -144,8 +155,12 @@ def hf_generation_config(model, params: SamplingParams, **extra):
 
 @torch.inference_mode()
 def run_hf(model, requests: Requests, params: SamplingParams, *, assistant=None, lookup_tokens: int | None = None,
-           num_draft_tokens: int = 4, repetitions: int = 3, warmup: bool = True, device="cpu") -> dict:
-    extra = {}
+           num_draft_tokens: int = 4, repetitions: int = 3, warmup: bool = True, device="cpu",
+           generation_extra: dict | None = None, warmup_order: list[int] | None = None) -> dict:
+    """``generation_extra``: more generation-config fields (the compiled row's cache and compile
+    settings); ``warmup_order``: the requests of the warm-up pass, in order (default: all).
+    The result's ``warmup`` holds the seconds of each warm-up call."""
+    extra = dict(generation_extra or {})
     if lookup_tokens:
         extra["prompt_lookup_num_tokens"] = lookup_tokens
         extra["max_matching_ngram_size"] = 3  # as ours (PromptLookupProposer max_ngram=3)
@@ -166,9 +181,10 @@ def run_hf(model, requests: Requests, params: SamplingParams, *, assistant=None,
         sync(device)
         return out[0, ids.shape[1]:].tolist(), time.perf_counter() - t0
 
+    warm = []
     if warmup:  # a whole pass, as for ours
-        for i in range(len(requests)):
-            one(i, gc)
+        for i in (warmup_order if warmup_order is not None else range(len(requests))):
+            warm.append({"request": i, "seconds": one(i, gc)[1]})
     reps, first = [], None
     for _ in range(repetitions):
         outputs, per_request = [], []
@@ -181,7 +197,41 @@ def run_hf(model, requests: Requests, params: SamplingParams, *, assistant=None,
         tokens = sum(r["tokens"] for r in per_request)
         reps.append({"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall if wall else 0.0,
                      "per_request": per_request})
-    return {"reps": reps, "outputs": first}
+    return {"reps": reps, "outputs": first, "warmup": warm}
+
+
+def run_hf_compiled(model, requests: Requests, params: SamplingParams, *, repetitions: int = 3, device="cpu",
+                    fullgraph: bool = True, all_devices: bool = False) -> dict:
+    """``generate`` with a static cache and the decode forward compiled (``mode="reduce-overhead"``).
+
+    transformers 5 compiles the decode step itself when the cache is static (prefill stays eager:
+    its shapes change with every prompt), through ``generation_config.compile_config``; this is the
+    documented equivalent of ``model.forward = torch.compile(model.forward, mode="reduce-overhead",
+    fullgraph=True)`` without recompiling for every prompt length. The static cache is sized once
+    for the longest request (``max_cache_len``; the longest request also warms up first, so versions
+    that reuse a large-enough cache do too), so one graph serves every request. transformers only
+    compiles on an accelerator unless ``all_devices``. The warm-up pass always runs (it compiles);
+    ``compile_s`` = the first call minus that request's timed median."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    compile_config = CompileConfig(fullgraph=fullgraph, mode="reduce-overhead")
+    if all_devices:
+        compile_config._compile_all_devices = True
+    longest = max(range(len(requests)), key=lambda i: len(requests.prompt_ids[i]))
+    max_cache_len = len(requests.prompt_ids[longest]) + params.max_tokens + 1
+    order = [longest] + [i for i in range(len(requests)) if i != longest]
+    meas = run_hf(model, requests, params, repetitions=repetitions, warmup=True, device=device,
+                  generation_extra={"cache_implementation": "static", "max_cache_len": max_cache_len,
+                                    "compile_config": compile_config, "disable_compile": False},
+                  warmup_order=order)
+    first = meas["warmup"][0]["seconds"]
+    steady = statistics.median(r["seconds"] for rep in meas["reps"] for r in rep["per_request"]
+                               if r["request"] == longest)
+    meas["compile"] = {"compiled": hasattr(model, "_compiled_call"), "fullgraph": fullgraph,
+                       "mode": "reduce-overhead", "cache_implementation": "static", "max_cache_len": max_cache_len,
+                       "first_call_s": first, "compile_s": max(0.0, first - steady),
+                       "warmup_s": sum(w["seconds"] for w in meas["warmup"])}
+    return meas
 
 
 # ---------------------------------------------------------------------------- the cluster
@@ -280,6 +330,91 @@ def run_cluster(cluster, requests: Requests, concurrency: int, params: SamplingP
         # from the engine's counters: accepted / reached (every earlier position accepted)
         reps[-1]["conditional_acceptance_by_position"] = [a / t for a, t in zip(acc, tested) if t]
     return {"reps": reps, "outputs": first}
+
+
+def arrival_stats(per_request: list[dict], duration_s: float, *, slo_ttft_s: float, slo_tpot_s: float) -> dict:
+    """One open-loop repetition's summary from its per-request records (``ttft_s``, ``tpot_s``,
+    ``tokens``; ``error`` for a request that failed): throughput, TTFT / TPOT percentiles, and the
+    requests meeting both SLOs (a failed request meets none; one token has no TPOT to miss)."""
+    ok = [r for r in per_request if r.get("error") is None]
+    ttft = [r["ttft_s"] for r in ok if r.get("ttft_s") is not None]
+    tpot = [r["tpot_s"] for r in ok if r.get("tpot_s") is not None]
+    met = sum(1 for r in ok if r.get("ttft_s") is not None and r["ttft_s"] <= slo_ttft_s
+              and (r.get("tpot_s") is None or r["tpot_s"] <= slo_tpot_s))
+    tokens = sum(r.get("tokens", 0) for r in ok)
+    n = len(per_request)
+    return {"duration_s": duration_s, "tokens": tokens, "tok_s": tokens / duration_s if duration_s > 0 else 0.0,
+            "completed": len(ok), "failed": n - len(ok), "slo_met": met, "slo_attainment": met / n if n else None,
+            "goodput_rps": met / duration_s if duration_s > 0 else 0.0,
+            "throughput_rps": len(ok) / duration_s if duration_s > 0 else 0.0,
+            "ttft_p50_s": _pct(ttft, 0.5), "ttft_p90_s": _pct(ttft, 0.9), "ttft_p99_s": _pct(ttft, 0.99),
+            "tpot_p50_s": _pct(tpot, 0.5), "tpot_p90_s": _pct(tpot, 0.9), "tpot_p99_s": _pct(tpot, 0.99)}
+
+
+def run_arrivals(cluster, requests: Requests, schedule: list[float], params: SamplingParams, *,
+                 slo_ttft_s: float, slo_tpot_s: float, repetitions: int = 3, max_positions: int = 4) -> dict:
+    """Open loop: request i is sent ``schedule[i]`` seconds after the start, whatever is running.
+
+    TTFT and latency are the client's, from the *scheduled* arrival (a late send counts against
+    the system); TPOT = (latency - TTFT) / (tokens - 1). Every repetition replays the same schedule.
+    """
+    if len(schedule) != len(requests):
+        raise ValueError(f"{len(schedule)} arrival times for {len(requests)} requests")
+
+    def one_pass():
+        async def main():
+            t0 = time.perf_counter()
+
+            async def one(i: int) -> dict:
+                due = t0 + schedule[i]
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                sent = time.perf_counter()
+                rec = {"request": i, "prompt": requests.prompt_index[i], "arrival_s": schedule[i],
+                       "send_lateness_s": sent - due}
+                first = None
+                try:
+                    stream = await cluster.generate(list(requests.prompt_ids[i]), params, ignore_eos=True)
+                    async for chunk in stream:
+                        if first is None and chunk.token_ids:
+                            first = time.perf_counter()
+                    out = await stream.result()
+                except Exception as exc:  # noqa: BLE001 - a rejected / failed request misses the SLOs
+                    rec["error"] = f"{type(exc).__name__}: {exc}"
+                    rec["done_s"] = time.perf_counter() - t0
+                    return rec
+                done = time.perf_counter()
+                n = len(out.token_ids)
+                rec.update({"tokens": n, "output": list(out.token_ids), "done_s": done - t0,
+                            "ttft_s": None if first is None else first - due, "latency_s": done - due,
+                            "engine_ttft_s": out.ttft_s, "stats": out.stats})
+                rec["tpot_s"] = (done - first) / (n - 1) if first is not None and n > 1 else None
+                return rec
+
+            recs = await asyncio.gather(*(one(i) for i in range(len(requests))))
+            return recs, time.perf_counter() - t0
+
+        return asyncio.run(main())
+
+    reps, first_outputs = [], None
+    for _ in range(repetitions):
+        before = cluster.metrics_snapshot()
+        recs, duration = one_pass()
+        cluster.wait_idle(60)
+        after = cluster.metrics_snapshot()
+        outputs = [r.get("output", []) for r in recs]
+        if first_outputs is None:
+            first_outputs = outputs
+        stats = [r.pop("stats") for r in recs if "stats" in r]
+        for r in recs:
+            r.pop("output", None)
+        lateness = [r["send_lateness_s"] for r in recs]
+        reps.append({**arrival_stats(recs, duration, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s),
+                     "wall_s": duration, "send_lateness_p99_s": _pct(lateness, 0.99),
+                     "metrics": _metric_delta(before, after, max_positions), "per_request": recs,
+                     **_aggregate_stats(stats)})
+    return {"reps": reps, "outputs": first_outputs}
 
 
 # ---------------------------------------------------------------------------- cost curve
