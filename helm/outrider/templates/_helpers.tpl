@@ -11,8 +11,9 @@ role) is built from.
 
 {{/*
 The full name prefix of every object: fullnameOverride, or "<release>-<name>" (just the release
-name when it already contains the chart name). Kept short enough (40 characters) that the longest
-suffix the chart or KubeRay appends (-redis-headless, -raycluster-xxxxx-head-svc) fits in 63.
+name when it already contains the chart name). Cut to 40 characters: the chart appends up to 15
+(-redis-headless) and KubeRay derives its RayCluster's name (<name>-raycluster-xxxxx, also a
+label value, at most 63) and Services (<name>-serve-svc) from it.
 */}}
 {{- define "outrider.fullname" -}}
 {{- if .Values.fullnameOverride -}}
