@@ -316,7 +316,9 @@ def test_derived_fields_agree(h, files):
     # the Services select exactly the head pod of this release
     head_labels = r.head["template"]["metadata"]["labels"]
     for svc in (s for s in r.of_kind("Service") if s["metadata"]["name"] in (f"{fullname}-http", f"{fullname}-grpc")):
-        selector = svc["spec"]["selector"]
+        selector = dict(svc["spec"]["selector"])
+        # KubeRay's label: "true" while the head's Serve proxy passes its health check
+        assert selector.pop("ray.io/serve") == "true"
         assert selector.items() <= head_labels.items() and selector["app.kubernetes.io/component"] == "head"
         assert selector["app.kubernetes.io/instance"] == RELEASE
         for worker in r.workers.values():
@@ -524,8 +526,8 @@ def test_network_policies(default):
     rules = spec["ingress"]
     # 1) every port from the release's own pods only
     assert rules[0] == {"from": [release_peer]}
-    # 2) the KubeRay operator: the dashboard and its agent only
-    assert {p["port"] for p in rules[1]["ports"]} == {8265, 52365}
+    # 2) the KubeRay operator: the dashboard, its agent and the Serve proxy's health check only
+    assert {p["port"] for p in rules[1]["ports"]} == {8265, 52365, 8000}
     assert rules[1]["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
     # 3) clients: the HTTP and gRPC ports only
     assert {p["port"] for p in rules[2]["ports"]} == {8000, 50051}
