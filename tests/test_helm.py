@@ -595,6 +595,8 @@ SCHEMA_ERRORS = [
                  id="redis-url-scheme"),
     pytest.param({"config": {"target": ""}}, "config.target: String length must be greater than or equal to 1",
                  id="empty-target"),
+    pytest.param({"workers": {"draft": None}}, "workers: draft is required", id="role-removed"),
+    pytest.param({"config": {"target": None}}, "config: target is required", id="target-removed"),
 ]
 
 TEMPLATE_ERRORS = [
