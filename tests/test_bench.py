@@ -212,7 +212,7 @@ def check_arrivals(model, md, scenarios, rates, n):
         assert rep["duration_s"] >= row["schedule_s"][-1]  # the last request is sent on schedule, not before
     assert {g["configuration"].split()[0]: g["goodput_rate_rps"] for g in model["goodput"]} == {
         s: max(rates) for s in scenarios}
-    assert "| scenario | rate req/s | tok/s |" in md and f"goodput **{max(rates):g} req/s**" in md
+    assert "| scenario | rate req/s | offered | tok/s |" in md and f"goodput **{max(rates):g} req/s**" in md
 
 
 def check_cost_table(model, md, out):

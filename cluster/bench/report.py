@@ -206,6 +206,8 @@ def markdown(r: dict) -> str:
             lines += ["", (f"Cost table for the adaptive policy: `{Path(model['cost_table_file']).name}` "
                            "(`StepCostModel.from_table` format; `cost_table: FILE` in the cluster config, or "
                            "OUTRIDER_COST_TABLE; measured eagerly, without CUDA graphs).")]
+        if model.get("cluster_cost_table"):
+            lines += ["", f"Cluster rows: the speculation policy's cost model starts from `{model['cluster_cost_table']}`."]
         for x in rows:
             if x.get("compile"):
                 c = x["compile"]
@@ -218,15 +220,17 @@ def markdown(r: dict) -> str:
             slo = arrivals[0]["slo"]
             lines += ["", (f"Open loop: {arrivals[0]['requests']} requests per rate, {arrivals[0]['arrival']} arrivals "
                            f"(seed {arrivals[0]['seed']}), cluster batch limit {arrivals[0]['max_running']}; TTFT and "
-                           "TPOT from the scheduled arrival, as the client sees them. SLO: TTFT ≤ "
+                           "TPOT from the scheduled arrival, as the client sees them; offered = the schedule's own "
+                           "rate (requests / last arrival time). SLO: TTFT ≤ "
                            f"{slo['ttft_s'] * 1e3:.0f} ms and TPOT ≤ {slo['tpot_s'] * 1e3:.0f} ms; goodput = requests "
                            "meeting both per second."), "",
-                      ("| scenario | rate req/s | tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | "
-                       "SLO met | goodput req/s | τ | greedy mismatches |"),
-                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                      ("| scenario | rate req/s | offered | tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | "
+                       "TPOT p99 ms | SLO met | goodput req/s | τ | greedy mismatches |"),
+                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
             for row in sorted(arrivals, key=lambda x: (arrival_series(x), x["rate_rps"])):
                 lines.append(
-                    f"| {row_name(row)} | {row['rate_rps']:g} | {_spread(row['tok_s'])} | "
+                    f"| {row_name(row)} | {row['rate_rps']:g} | {_f(row.get('offered_rps'), '{:.2f}')} | "
+                    f"{_spread(row['tok_s'])} | "
                     f"{_spread(row['ttft_p50_s'], '{:.1f}', 1e3)} | {_spread(row['ttft_p99_s'], '{:.1f}', 1e3)} | "
                     f"{_spread(row['tpot_p50_s'], '{:.1f}', 1e3)} | {_spread(row['tpot_p99_s'], '{:.1f}', 1e3)} | "
                     f"{_f(row['slo_attainment']['median'], '{:.0%}')} | {_spread(row['goodput_rps'], '{:.2f}')} | "
@@ -358,6 +362,8 @@ def write_plots(results: dict, out: Path) -> None:
         else:
             top.set_title(model["label"], fontsize=9)
         for ax in (top, bottom):
+            if rates and rates[-1] >= 4 * rates[0]:  # a geometric sweep
+                ax.set_xscale("log", base=2)
             ax.set_xlabel("arrival rate, requests/s (open loop)")
             ax.grid(alpha=0.3)
         top.set_ylabel("goodput, requests/s within both SLOs")

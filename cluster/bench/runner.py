@@ -486,6 +486,8 @@ class BenchRun:
         row = {"scenario": scenario, "draft": draft, "k": k, "adaptive": adaptive, "rate_rps": rate,
                "arrival": "poisson" if cfg.arrival_cv == 1.0 else f"gamma cv={cfg.arrival_cv:g}",
                "arrival_cv": cfg.arrival_cv, "seed": cfg.seed, "requests": len(reqs), "schedule_s": schedule,
+               # the sample's own rate: a few dozen seeded gaps stray from the nominal one
+               "offered_rps": len(schedule) / schedule[-1] if schedule and schedule[-1] > 0 else None,
                "max_running": max_running, "emulated_alpha": oracle_alpha(draft),
                "slo": {"ttft_s": cfg.slo_ttft_s, "tpot_s": cfg.slo_tpot_s, "attainment": cfg.slo_attainment},
                "gpus": 2 if scenario.startswith("cluster-separate") else 1, "reps": reps}
