@@ -36,6 +36,7 @@ per request is the reference loop's, so seeded sampling reproduces the reference
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -48,10 +49,12 @@ from actors.spec.proposers import (
     parse_draft_spec,
 )
 from actors.spec.types import Proposal, SamplingParams
+from actors.step_channel import locked as _locked
 from actors.target_worker import DRAFT_RANK, TARGET_RANK
 from actors.transport import (
     Transport,
     assigned_gpu_ids,
+    node_address,
     pack_proposals,
     pick_device,
     unpack_tokens,
@@ -116,6 +119,8 @@ class DraftWorker:
         from actors.model.sources import resolve_model_path
 
         torch.set_num_threads(1)
+        self._lock = threading.RLock()  # Ray's thread and the step channel's (actors/step_channel.py)
+        self._channel = None
         target_path = resolve_model_path(target_path)  # "demo": this node's cached copy
         if num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
@@ -151,6 +156,15 @@ class DraftWorker:
         return {"ready": True, "device": str(self.device), "gpu_ids": assigned_gpu_ids(), "pid": os.getpid(),
                 "kv_capacity_tokens": self.proposer.cache.capacity_tokens}
 
+    def open_step_channel(self) -> tuple[str, int, str]:
+        """(host, port, token) of this worker's step channel (opened on first call)."""
+        from actors.step_channel import StepChannelServer
+
+        if self._channel is None:
+            self._channel = StepChannelServer(node_address(), {"step": self.step, "free": self.free}, self._lock)
+        return self._channel.address()
+
+    @_locked
     def init_transport(self, addr: str, port: int, backend: str | None = None, timeout_s: float = 60.0) -> str:
         """Join a new draft link as rank 1; requests of an earlier link are forgotten."""
         if self.link is not None:
@@ -162,6 +176,7 @@ class DraftWorker:
         return self.link.backend
 
     # ----------------------------------------------------------------- the step
+    @_locked
     def step(self, step_id: int, new: list[tuple[int, list[int], SamplingParams]], drafts: dict[int, int],
              num_token_msgs: int, free_ids: list[int]) -> dict:
         """Run one engine step -> timings and overlap hit counts."""
@@ -193,6 +208,7 @@ class DraftWorker:
                 "hits": hits, "misses": (len(ids) - hits) if self.overlap else 0,
                 "propose_s": 0.0 if captured else t1 - t0, "speculate_s": t2 - t1}
 
+    @_locked
     def free(self, req_ids: list[int]) -> None:
         for req_id in req_ids:
             self._forget(req_id)
@@ -201,10 +217,14 @@ class DraftWorker:
         runner = getattr(self.proposer, "runner", None)
         return runner.stats["captures"] if runner is not None else 0
 
+    @_locked
     def kv_free_tokens(self) -> int:
         return self.proposer.cache.free_tokens
 
     def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         if self.link is not None:
             self.link.close()
             self.link = None

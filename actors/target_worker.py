@@ -24,11 +24,17 @@ Invariants (as the reference loop's): before a step each request's KV holds ever
 last; the accepted path is committed and everything else of the step is dropped; a request's
 sampling generator is seeded from its own ``SamplingParams.seed`` and used in the reference's
 order. ``free`` and ``free_ids`` are idempotent.
+
+Step channel: ``open_step_channel`` serves ``step`` and ``free`` over a socket
+(``actors/step_channel.py``) so the engine's per-step call skips Ray's task path. Every method
+that touches the cache or the links holds one lock, so a channel call and a Ray call on the same
+worker never interleave.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import torch
@@ -37,6 +43,7 @@ from actors.spec.sampling import make_generator
 from actors.spec.types import Proposal, SamplingParams
 from actors.spec.verify import verify
 from actors.step_batch import SeqStep
+from actors.step_channel import locked as _locked
 from actors.transport import (
     PeerLostError,
     Transport,
@@ -68,9 +75,11 @@ class TargetWorker:
         tp_rank: int = 0,
         tp_size: int = 1,
     ) -> None:
-        torch.set_num_threads(1)
         from actors.model.sources import resolve_model_path
 
+        torch.set_num_threads(1)
+        self._lock = threading.RLock()
+        self._channel = None
         model_path = resolve_model_path(model_path)  # "demo": this node's cached copy
         self.model_path, self.dtype = model_path, dtype
         self.kv_budget_tokens, self.block_size = kv_budget_tokens, block_size
@@ -117,18 +126,29 @@ class TargetWorker:
         self._load(self.tp.group)
         return self.info()
 
+    def open_step_channel(self) -> tuple[str, int, str]:
+        """(host, port, token) of this worker's step channel (opened on first call)."""
+        from actors.step_channel import StepChannelServer
+
+        if self._channel is None:
+            self._channel = StepChannelServer(node_address(), {"step": self.step, "free": self.free}, self._lock)
+        return self._channel.address()
+
+    @_locked
     def connect_draft(self, addr: str, port: int, backend: str | None = None, timeout_s: float = 60.0) -> str:
         """(Re)form the draft link as its rank 0; a previous link is dropped."""
         self.disconnect_draft()
         self.link = Transport(addr, port, TARGET_RANK, 2, self.device, backend=backend, timeout_s=timeout_s)
         return self.link.backend
 
+    @_locked
     def disconnect_draft(self) -> None:
         if self.link is not None:
             self.link.close()
             self.link = None
 
     # ----------------------------------------------------------------- the step
+    @_locked
     @torch.inference_mode()
     def step(self, step_id: int, new: list[NewRequest], req_ids: list[int], draft_req_ids: list[int],
              free_ids: list[int]) -> dict:
@@ -174,6 +194,7 @@ class TargetWorker:
         reply["forward_s"] = None if self.runner.stats["captures"] != captures else time.perf_counter() - t0
         return reply
 
+    @_locked
     def free(self, req_ids: list[int]) -> None:
         for req_id in req_ids:
             if self.cache is not None and req_id in self.cache:
@@ -182,13 +203,18 @@ class TargetWorker:
             self._params.pop(req_id, None)
             self._generators.pop(req_id, None)
 
+    @_locked
     def kv_free_tokens(self) -> int:
         return self.cache.free_tokens
 
+    @_locked
     def num_requests(self) -> int:
         return len(self._tokens)
 
     def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         self.disconnect_draft()
         if self.tp is not None:
             self.tp.close()

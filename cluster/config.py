@@ -152,6 +152,10 @@ class ClusterConfig(BaseModel):
     oracle_continuations: str | None = Field(
         None, description="With draft oracle:ALPHA:DRAFT (benchmarks): JSON of the target's recorded greedy outputs.")
 
+    step_transport: Literal["socket", "ray"] = Field(
+        "socket", description="How the engine calls the target each step: socket (a direct connection to each "
+                              "rank, no Ray task per step) or ray (an actor call per step).")
+
     # scheduling and memory
     kv_budget_tokens: int = Field(4096, ge=16, description="KV cache size per worker, in tokens.")
     block_size: int = Field(16, ge=1, description="KV cache block size in tokens.")

@@ -41,6 +41,8 @@ import ray
 
 from actors.spec.sequence import SequenceState
 from actors.spec.types import SamplingParams
+from actors.step_channel import StepCallError
+from actors.transport import PeerLostError
 from cluster.config import ClusterConfig
 from cluster.scheduler import Scheduler
 from cluster.workers import WorkerFailure, WorkerSet, check
@@ -115,7 +117,8 @@ class Engine:
         self._draft_up = workers.draft is not None
         self._draft_next_check = 0.0
         self._draft_backlog: list = []  # (req_id, tokens, params) to hand to a re-connected draft
-        self._draft_pending: list[ray.ObjectRef] = []
+        self._draft_pending: list[ray.ObjectRef] = []  # draft step calls made through Ray
+        self._draft_inflight = 0  # draft step replies not yet read from its step channel
         self._token_msgs = 0
         self._draft_synced = 0  # token messages the draft was told to catch up to
         self._draft_frees: list[int] = []  # freed requests the draft has not been told about
@@ -234,9 +237,8 @@ class Engine:
         new = [(r.req_id, list(r.state.tokens), r.state.params) for r in admitted]
         frees, self._frees = self._frees, []
         t0 = time.perf_counter()
-        target_refs = [t.step.remote(step_id, new, [r.req_id for r in running], draft_ids, frees)
-                       for t in self.workers.targets]
-        draft_ref = None
+        args = (step_id, new, [r.req_id for r in running], draft_ids, frees)
+        draft_args = None
         if self.workers.draft is not None:
             self._draft_frees += frees
         if self._draft_up and (draft_ids or new or self._draft_backlog
@@ -244,11 +246,20 @@ class Engine:
             # with nothing to draft (k = 0 for all), the draft is called only to catch up now and then
             backlog, self._draft_backlog = self._draft_backlog, []
             draft_frees, self._draft_frees = self._draft_frees, []
-            draft_ref = self.workers.draft.step.remote(
-                step_id, backlog + new, {r: draft_ks[r] for r in draft_ids}, self._token_msgs, draft_frees)
+            draft_args = (step_id, backlog + new, {r: draft_ks[r] for r in draft_ids}, self._token_msgs, draft_frees)
             self._draft_synced = self._token_msgs
-            self._draft_pending.append(draft_ref)
-        out = self._wait_target(target_refs, draft_ref)
+        channels = self.workers.channels
+        draft_ref = None
+        if channels:  # the draft first: the target waits for its proposals
+            target_refs = None
+            if draft_args is not None:
+                draft_ref = self._send_draft(draft_args)
+            self._send_step(channels, args)
+        else:
+            target_refs = [t.step.remote(*args) for t in self.workers.targets]
+            if draft_args is not None:
+                draft_ref = self._send_draft(draft_args)
+        out = self._wait_channels(channels) if target_refs is None else self._wait_target(target_refs, draft_ref)
         elapsed = time.perf_counter() - t0
         if self._draft_up:
             if out["draft_link"]:
@@ -281,18 +292,82 @@ class Engine:
             if ref in target_refs:
                 check(ref, TARGET, f"step {self._step_id}")
             else:
-                if ref not in self._draft_pending:
-                    continue  # from before the draft was declared lost
-                self._draft_pending.remove(ref)
-                try:
-                    check(ref, DRAFT, f"step {self._step_id}")
-                except WorkerFailure as failure:
-                    self._draft_lost(failure)
-                else:
-                    stats = ray.get(ref)
-                    self.policy.observe_costs(0, 0, None, stats)
-                    self.metrics.on_draft_step(stats)
+                self._draft_done(ref)
         return ray.get(target_refs[0])
+
+    def _send_draft(self, draft_args: tuple):
+        """Start the draft's step: over its step channel when it has one (the reply is read later,
+        ``_collect_draft_replies``), else as a Ray call (its ref joins ``_draft_pending``)."""
+        channel = self.workers.draft_channel
+        if channel is None:
+            ref = self.workers.draft.step.remote(*draft_args)
+            self._draft_pending.append(ref)
+            return ref
+        try:
+            channel.send("step", *draft_args)
+        except PeerLostError as exc:
+            self._draft_lost(WorkerFailure(DRAFT, "died", f"step {self._step_id}: {exc}"))
+            return None
+        self._draft_inflight += 1
+        return None
+
+    def _collect_draft_replies(self) -> None:
+        """Read the draft replies that have arrived (never waits for one that has not)."""
+        channel = self.workers.draft_channel
+        while self._draft_up and self._draft_inflight and channel is not None and channel.poll():
+            try:
+                stats = channel.recv(self.config.step_timeout_s)
+            except (PeerLostError, TimeoutError) as exc:
+                self._draft_lost(WorkerFailure(DRAFT, "died", f"step {self._step_id}: {exc or type(exc).__name__}"))
+                return
+            except StepCallError as exc:
+                self._draft_lost(WorkerFailure(DRAFT, "failed", f"step {self._step_id}: {exc}"))
+                return
+            self._draft_inflight -= 1
+            self.policy.observe_costs(0, 0, None, stats)
+            self.metrics.on_draft_step(stats)
+
+    def _send_step(self, channels: list, args: tuple) -> None:
+        try:
+            for channel in channels:
+                channel.send("step", *args)
+        except PeerLostError as exc:
+            raise WorkerFailure(TARGET, "died", f"step {self._step_id}: {exc}") from None
+
+    def _wait_channels(self, channels: list) -> dict:
+        """Every target rank's reply over its step channel (one deadline), then the draft's finished
+        calls (a draft failure seen here restarts the draft at once, as in ``_wait_target``)."""
+        deadline = time.monotonic() + self.config.step_timeout_s
+        replies = []
+        for channel in channels:
+            try:
+                replies.append(channel.recv(max(0.0, deadline - time.monotonic())))
+            except TimeoutError:
+                raise WorkerFailure(TARGET, "did not answer", f"step {self._step_id}: no reply within "
+                                    f"{self.config.step_timeout_s:.0f} s") from None
+            except PeerLostError as exc:
+                raise WorkerFailure(TARGET, "died", f"step {self._step_id}: {exc}") from None
+            except StepCallError as exc:
+                raise WorkerFailure(TARGET, "failed", f"step {self._step_id}: {exc}") from None
+        if self._draft_pending:
+            ready, _ = ray.wait(self._draft_pending, num_returns=len(self._draft_pending), timeout=0)
+            for ref in ready:
+                self._draft_done(ref)
+        self._collect_draft_replies()
+        return replies[0]
+
+    def _draft_done(self, ref) -> None:
+        if ref not in self._draft_pending:
+            return  # from before the draft was declared lost
+        self._draft_pending.remove(ref)
+        try:
+            check(ref, DRAFT, f"step {self._step_id}")
+        except WorkerFailure as failure:
+            self._draft_lost(failure)
+        else:
+            stats = ray.get(ref)
+            self.policy.observe_costs(0, 0, None, stats)
+            self.metrics.on_draft_step(stats)
 
     # ----------------------------------------------------------------- emission
     def _emit(self, r: _Request, token_ids: list[int], now: float) -> None:
@@ -397,6 +472,8 @@ class Engine:
         log.warning("draft lost (%s); continuing target-only until it is back", failure)
         self._draft_up = False
         self._draft_pending = []
+        self._draft_inflight = 0
+        self.workers.close_draft_channel()
         self._draft_backlog = []
         self.metrics.set_draft_up(False)
         self.workers.restart(DRAFT)
@@ -441,6 +518,8 @@ class Engine:
             self.workers.restart(DRAFT)
         self._draft_up = False
         self._draft_pending, self._draft_backlog = [], []
+        self._draft_inflight = 0
+        self.workers.close_draft_channel()
         self.metrics.set_draft_up(False)
         self._recovering = str(failure)
         try:
@@ -457,6 +536,7 @@ class Engine:
                 return
         try:
             self.workers.form_target_group(self.config.start_timeout_s)
+            self.workers.open_channels(self.config.start_timeout_s)
         except WorkerFailure as again:
             self._die(f"the target worker group could not be re-formed: {again}")
             return

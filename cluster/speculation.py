@@ -9,6 +9,12 @@ time, each at the batch size it ran with.
 Invariants: with ``adaptive=False`` every request gets ``num_draft_tokens`` (capped); the
 estimates keep learning either way, so the metrics show acceptance and predicted goodput even for
 a fixed policy; a finished request is forgotten.
+
+Cost of deciding: a full decision evaluates every k with numpy (about 1 ms on the 2-core CI
+machine, a visible share of a small model's step), while acceptance rates and step costs move
+slowly. So a decision is reused for the same set of running requests for up to ``REDECIDE_EVERY``
+steps (the engine still caps each request's k by what it may emit); a new or finished request, or
+the limit, triggers a fresh one.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from cluster.speculation_policy import (
 )
 
 
+REDECIDE_EVERY = 8
+
+
 class SpeculationControl:
     def __init__(self, config: ClusterConfig) -> None:
         k = config.num_draft_tokens if config.has_draft else 0
@@ -37,9 +46,17 @@ class SpeculationControl:
             self.policy = GoodputPolicy(self.estimator, self.costs, k, overlap=overlap)
         else:
             self.policy = FixedPolicy(k, self.estimator, self.costs, overlap=overlap)
+        self._last: tuple[tuple, SpecDecision] | None = None
+        self._reused = 0
 
     def choose(self, req_ids: Sequence[Hashable], caps: Mapping[Hashable, int]) -> SpecDecision:
-        return self.policy.choose(req_ids, caps)
+        key = tuple(req_ids)
+        if self._last is not None and self._last[0] == key and self._reused < REDECIDE_EVERY - 1:
+            self._reused += 1
+            return self._last[1]
+        decision = self.policy.choose(req_ids, caps)
+        self._last, self._reused = (key, decision), 0
+        return decision
 
     def observe_verdict(self, req_id: Hashable, num_proposed: int, num_accepted: int) -> None:
         if num_proposed > 0:
@@ -55,6 +72,7 @@ class SpeculationControl:
 
     def forget(self, req_id: Hashable) -> None:
         self.estimator.forget(req_id)
+        self._last = None
 
 
 def build_policy(config: ClusterConfig) -> SpeculationControl:

@@ -170,6 +170,7 @@ _BANDWIDTH = 0.75  # octaves: the Gaussian kernel of the local fits
 _KERNEL_DATA = np.exp(-0.5 * ((_GRID[:, None] - _BINS[None, :]) / _BANDWIDTH) ** 2)
 _SLOPE_RIDGE = 0.1  # weight (in observations) of the base's slope in each local fit
 _BLEND = 0.5  # kernel-weighted observations at which a knot is half data, half base shape
+REFIT_EVERY = 8  # once a curve has this many observations, it is refitted every this many more
 
 
 def _isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -214,6 +215,7 @@ class _Curve:
         self._observations = 0
         self._log_values: np.ndarray | None = None
         self._list: list[float] = []
+        self._fitted_at = 0
 
     def observe(self, x: float, y: float) -> bool:
         if not (math.isfinite(y) and y > 0 and math.isfinite(x) and x > 0):
@@ -225,13 +227,20 @@ class _Curve:
         log_ratio = math.log(y) - float(np.interp(lx, _GRID, self.log_base))
         row += (1.0, log_ratio, x, x * x, y, x * y)
         self._observations += 1
-        self._log_values = None
+        # refit lazily, and at most every REFIT_EVERY observations once warm: a fit costs ~0.1 ms of
+        # numpy and one more sample barely moves it
+        if self._log_values is not None and self._observations - self._fitted_at >= self._refit_every():
+            self._log_values = None
         return True
+
+    def _refit_every(self) -> int:
+        return 1 if self._observations <= REFIT_EVERY else REFIT_EVERY
 
     def _values(self) -> np.ndarray:
         if self._log_values is None:
             self._log_values = self._fit()
             self._list = self._log_values.tolist()
+            self._fitted_at = self._observations
         return self._log_values
 
     def _fit(self) -> np.ndarray:

@@ -84,6 +84,8 @@ class WorkerSet:
         self.targets: list = []
         self.draft = None
         self.info: WorkerInfo | None = None
+        self.channels: list = []  # StepChannel per target rank (step_transport socket), else empty
+        self.draft_channel = None  # the draft's StepChannel (step_transport socket), else None
 
     # ----------------------------------------------------------------- start
     def start(self) -> WorkerInfo:
@@ -110,6 +112,7 @@ class WorkerSet:
                 cfg.draft, cfg.target, num_draft_tokens=cfg.num_draft_tokens, overlap=cfg.overlap,
                 pre_verify=cfg.pre_verify, oracle_continuations=oracle, **common)
         self.form_target_group(cfg.start_timeout_s)
+        self.open_channels(cfg.start_timeout_s)
         leader = self.call([(TARGET, self.targets[0].info.remote())], "start", cfg.start_timeout_s)[0]
         draft_info = None
         if self.draft is not None:
@@ -130,6 +133,24 @@ class WorkerSet:
         self.call([(TARGET, t.init_tp.remote(addr, port, None, self.config.step_timeout_s)) for t in self.targets],
                   "tp setup", timeout_s)
 
+    def open_channels(self, timeout_s: float) -> None:
+        """(Re)connect the step channel of every target rank (``step_transport: socket``); a channel
+        left from before a fault is closed first."""
+        from actors.step_channel import StepChannel, close_all
+
+        close_all(self.channels)
+        self.channels = []
+        if self.config.step_transport != "socket":
+            return
+        addresses = self.call([(TARGET, t.open_step_channel.remote()) for t in self.targets], "step channel",
+                              timeout_s)
+        try:
+            self.channels = [StepChannel(host, port, token, timeout_s=timeout_s) for host, port, token in addresses]
+        except OSError as exc:
+            close_all(self.channels)
+            self.channels = []
+            raise WorkerFailure(TARGET, "did not answer", f"step channel: cannot connect: {exc}") from None
+
     def connect_draft(self, timeout_s: float) -> str:
         """(Re)form the draft link on a fresh port; returns the backend."""
         addr, port = self.call([(TARGET, self.targets[0].transport_address.remote())], "draft link", timeout_s)[0]
@@ -141,7 +162,27 @@ class WorkerSet:
             (TARGET, self.targets[0].connect_draft.remote(addr, port, backend, link_timeout)),
             (DRAFT, self.draft.init_transport.remote(addr, port, backend, link_timeout)),
         ], "draft link", timeout_s)
+        self.open_draft_channel(timeout_s)
         return backends[0]
+
+    def open_draft_channel(self, timeout_s: float) -> None:
+        """(Re)connect the draft's step channel (``step_transport: socket``)."""
+        from actors.step_channel import StepChannel
+
+        self.close_draft_channel()
+        if self.config.step_transport != "socket" or self.draft is None:
+            return
+        host, port, token = self.call([(DRAFT, self.draft.open_step_channel.remote())], "draft step channel",
+                                      timeout_s)[0]
+        try:
+            self.draft_channel = StepChannel(host, port, token, timeout_s=timeout_s)
+        except OSError as exc:
+            raise WorkerFailure(DRAFT, "did not answer", f"draft step channel: cannot connect: {exc}") from None
+
+    def close_draft_channel(self) -> None:
+        if self.draft_channel is not None:
+            self.draft_channel.close()
+            self.draft_channel = None
 
     # ----------------------------------------------------------------- calls
     def call(self, calls: list[tuple[str, ray.ObjectRef]], phase: str, timeout_s: float | None = None) -> list:
@@ -175,6 +216,11 @@ class WorkerSet:
             return False
 
     def shutdown(self) -> None:
+        from actors.step_channel import close_all
+
+        close_all(self.channels)
+        self.channels = []
+        self.close_draft_channel()
         for actor in [self.draft, *self.targets]:
             if actor is not None:
                 try:

@@ -84,7 +84,8 @@ def greedy_params(n):
 @pytest.mark.parametrize("fields", [
     pytest.param({"draft": "self:2", "num_draft_tokens": 3, "overlap": True, "adaptive": False}, id="self2-k3-overlap"),
     pytest.param({"draft": "self:4", "num_draft_tokens": 4, "overlap": True, "adaptive": False}, id="exact-draft-overlap"),
-    pytest.param({"draft": "CKPT", "num_draft_tokens": 2, "overlap": False, "adaptive": False}, id="ckpt-k2-turns"),
+    pytest.param({"draft": "CKPT", "num_draft_tokens": 2, "overlap": False, "adaptive": False,
+                  "step_transport": "ray"}, id="ckpt-k2-turns-ray-calls"),
     pytest.param({"draft": "self:3", "num_draft_tokens": 3, "overlap": True, "pre_verify": True,
                   "adaptive": True, "colocate": True, "draft_gpus": 0}, id="colocated-preverify-adaptive"),
 ])

@@ -1,0 +1,123 @@
+"""The step channel (actors/step_channel.py) in one process: calls and replies, remote errors named,
+deadlines, a closed peer, the token checked before anything is unpickled, a new client replacing
+the old one, and the worker's lock held around every call."""
+
+import pickle
+import socket
+import threading
+import time
+
+import pytest
+
+from actors.step_channel import StepCallError, StepChannel, StepChannelServer
+from actors.transport import PeerLostError
+
+
+class Worker:
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.calls = []
+        self.release = threading.Event()
+
+    def step(self, x, y=0):
+        self.calls.append((x, y))
+        return {"sum": x + y, "locked": self.lock._is_owned()}
+
+    def boom(self):
+        raise ValueError("bad step 7")
+
+    def slow(self):
+        self.release.wait(10)
+        return "late"
+
+    def unpicklable(self):
+        return threading.Lock()
+
+
+@pytest.fixture
+def served():
+    w = Worker()
+    server = StepChannelServer("127.0.0.1", {"step": w.step, "boom": w.boom, "slow": w.slow,
+                                             "unpicklable": w.unpicklable}, w.lock)
+    yield w, server
+    w.release.set()
+    server.close()
+
+
+def connect(server, **kw):
+    host, port, token = server.address()
+    return StepChannel(host, port, token, **kw)
+
+
+def test_calls_run_under_the_workers_lock_and_reply_in_order(served):
+    w, server = served
+    ch = connect(server)
+    assert ch.call("step", 2, 3, timeout_s=5) == {"sum": 5, "locked": True}
+    ch.send("step", 10)
+    assert ch.recv(5) == {"sum": 10, "locked": True}
+    big = list(range(200_000))  # frames larger than one socket read
+    assert ch.call("step", big, [], timeout_s=5)["sum"] == big
+    ch.close()
+
+
+def test_remote_errors_are_named_and_the_channel_stays_usable(served):
+    _, server = served
+    ch = connect(server)
+    with pytest.raises(StepCallError, match="ValueError: bad step 7") as info:
+        ch.call("boom", timeout_s=5)
+    assert info.value.kind == "ValueError"
+    with pytest.raises(StepCallError, match="AttributeError: 'nope' is not a step channel method"):
+        ch.call("nope", timeout_s=5)
+    with pytest.raises(StepCallError, match="could not be sent"):
+        ch.call("unpicklable", timeout_s=5)
+    assert ch.call("step", 1, timeout_s=5)["sum"] == 1
+
+
+def test_silence_times_out_and_closes_the_channel(served):
+    w, server = served
+    ch = connect(server)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        ch.call("slow", timeout_s=0.3)
+    assert 0.25 < time.monotonic() - start < 2
+    assert ch.closed  # a late reply must never be read as the next one
+    with pytest.raises(PeerLostError):
+        ch.send("step", 1)
+
+
+def test_a_closed_server_is_a_lost_peer(served):
+    w, server = served
+    ch = connect(server)
+    ch.send("slow")
+    server.close()
+    with pytest.raises(PeerLostError):
+        ch.recv(5)
+
+
+def test_a_new_client_replaces_the_old_one(served):
+    w, server = served
+    old = connect(server)
+    old.send("slow")
+    time.sleep(0.1)
+    new = connect(server)
+    time.sleep(0.1)
+    w.release.set()  # the old call finishes after it was replaced: its reply is dropped
+    with pytest.raises(PeerLostError):
+        old.recv(5)
+    assert new.call("step", 4, timeout_s=5)["sum"] == 4
+
+
+def test_wrong_token_is_refused_before_anything_is_unpickled(served):
+    w, server = served
+    host, port, _ = server.address()
+    evil = pickle.dumps(("step", (1,)))
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(len(b"wrong-token").to_bytes(8, "big") + b"wrong-token")
+        sock.sendall(len(evil).to_bytes(8, "big") + evil)
+        sock.settimeout(5)
+        try:
+            assert sock.recv(1) == b""  # closed by the server
+        except ConnectionResetError:
+            pass  # closed with unread data: a reset, equally a refusal
+    assert w.calls == []
+    assert connect(server).call("step", 1, timeout_s=5)["sum"] == 1  # still serving
