@@ -32,6 +32,7 @@ the tokens the target emitted in a step, so the draft stays in sync with the acc
 from __future__ import annotations
 
 import os
+import math
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -156,17 +157,24 @@ class Transport:
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         length = torch.empty(1, dtype=torch.int64, device=self._wire_device)
         self._recv_into(length, src, deadline)
-        header = torch.empty(int(length.item()), dtype=torch.int64, device=self._wire_device)
-        self._recv_into(header, src, deadline)
-        fields = header.tolist()
-        out, pos = [], 1
+        body = torch.empty(int(length.item()), dtype=torch.int64, device=self._wire_device)
+        self._recv_into(body, src, deadline)
+        fields = body.tolist()
+        specs, pos = [], 1
         for _ in range(fields[0]):
             dtype, ndim = _DTYPES[fields[pos]], fields[pos + 1]
-            shape = fields[pos + 2 : pos + 2 + ndim]
+            specs.append((dtype, fields[pos + 2 : pos + 2 + ndim]))
             pos += 2 + ndim
-            tensor = torch.empty(shape, dtype=dtype, device=self._wire_device)
-            if tensor.numel():
-                self._recv_into(tensor, src, deadline)
+        out = []
+        for dtype, shape in specs:  # int64 tensors ride in the body after the header, the rest follow
+            if dtype == torch.int64:
+                numel = math.prod(shape)
+                tensor = body[pos : pos + numel].reshape(shape)
+                pos += numel
+            else:
+                tensor = torch.empty(shape, dtype=dtype, device=self._wire_device)
+                if tensor.numel():
+                    self._recv_into(tensor, src, deadline)
             out.append(tensor.to(self.device))
         return out
 
@@ -203,14 +211,20 @@ class Transport:
         return tensor.detach().to(self._wire_device).contiguous()
 
     def _post(self, tensors: Sequence[torch.Tensor], dst: int) -> tuple[list[dist.Work], list[torch.Tensor]]:
-        """Post every send of one message; returns the works and the buffers they read."""
+        """Post every send of one message; returns the works and the buffers they read.
+
+        A message is its length, then one int64 body — the header (tensor count, then dtype code,
+        ndim and shape of each tensor) followed by every int64 tensor's values — then each other
+        tensor on its own: token and proposal messages take two sends, not one per tensor."""
         wire = [self._to_wire(t) for t in tensors]
         fields = [len(wire)]
         for t in wire:
             fields += [_CODE[t.dtype], t.dim(), *t.shape]
         header = torch.tensor(fields, dtype=torch.int64, device=self._wire_device)
-        length = torch.tensor([header.numel()], dtype=torch.int64, device=self._wire_device)
-        buffers = [t for t in (length, header, *wire) if t.numel()]
+        inline = [t.reshape(-1) for t in wire if t.dtype == torch.int64]
+        body = torch.cat([header, *inline]) if inline else header
+        length = torch.tensor([body.numel()], dtype=torch.int64, device=self._wire_device)
+        buffers = [length, body, *(t for t in wire if t.dtype != torch.int64 and t.numel())]
         if self.group is None:
             raise PeerLostError("the transport is closed")
         try:

@@ -229,7 +229,11 @@ def check_cost_table(model, md, out):
     assert costs.verify_time(1, 1) == pytest.approx(one, rel=0.5)  # isotonic smoothing aside
     times = [costs.verify_time_for_tokens(t) for t in (1, 2, 4, 8, 16, 64, 256)]
     assert all(t > 0 for t in times) and times == sorted(times)  # monotone in the tokens verified
-    assert costs.draft_time(1, 3) == pytest.approx(3 * table["draft"][0][1], rel=1e-6)
+    # per level at batch 1: the measured value, or its isotonic pool when a noisy CPU timed a larger
+    # batch faster (the curve is kept non-decreasing in the batch)
+    per_level = [s for _, s in table["draft"]]
+    assert min(per_level) * (1 - 1e-9) <= costs.draft_time(1, 1) <= max(per_level) * (1 + 1e-9)
+    assert costs.draft_time(1, 3) == pytest.approx(3 * costs.draft_time(1, 1), rel=1e-9)
     assert "cost_table-tiny.json" in md
 
 
