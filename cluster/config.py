@@ -50,7 +50,8 @@ class ServeOptions(BaseModel):
     max_concurrent_requests: int = Field(
         256, ge=1, description="HTTP requests in flight per ingress replica; beyond it they queue at Serve.")
     max_queued_requests: int = Field(
-        64, ge=0, description="HTTP requests queued at Serve beyond max_concurrent_requests; beyond it: 503.")
+        64, ge=1, description="HTTP requests queued at Serve beyond max_concurrent_requests (at least 1: Serve "
+                              "refuses 0); beyond it: 503.")
     request_timeout_s: float | None = Field(
         None, gt=0, description="End-to-end limit of one HTTP request (Serve answers 408 and aborts it).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(

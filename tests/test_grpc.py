@@ -57,7 +57,7 @@ class FakeEngine:
 
         self.requests.append(request)
         prompt = request["prompt"]
-        if request["messages"] is not None:
+        if request.get("messages") is not None:
             prompt = " ".join(m["content"] for m in request["messages"])
         if isinstance(prompt, list):
             prompt = "".join(chr(t) for t in prompt)

@@ -67,15 +67,18 @@ def _pinned(deployment, opts, **options):
     return deployment.options(**options)
 
 
-def build_app(config: ClusterConfig):
-    """The Serve ``Application`` of ``config``: the engine server bound under the HTTP (and gRPC) ingress."""
+def build_app(config: ClusterConfig, *, engine=None):
+    """The Serve ``Application`` of ``config``: the engine server bound under the HTTP (and gRPC) ingress.
+
+    ``engine`` replaces the bound ``EngineServer`` (tests: a deployment with the same contract)."""
     from cluster.serve.engine_server import EngineServer
     from cluster.serve.openai_ingress import OpenAIIngress
 
     opts = config.serve
-    engine = _pinned(EngineServer, opts,
-                     max_ongoing_requests=config.max_running + config.max_waiting + 64,
-                     ).bind(config.model_dump())
+    if engine is None:
+        engine = _pinned(EngineServer, opts,
+                         max_ongoing_requests=config.max_running + config.max_waiting + 64,
+                         ).bind(config.model_dump())
     serve_options = opts.to_dict()
     grpc = None
     if opts.grpc_port is not None:
