@@ -16,7 +16,10 @@ Invariants:
 * joining a cluster whose nodes come and go (``address`` set, or role pools — a Kubernetes
   deployment whose worker pods may join after the engine starts), a placement the current nodes
   cannot hold is retried until ``start_timeout_s``, with one log line saying what is awaited; on a
-  local cluster it fails at once.
+  local cluster it fails at once;
+* the engine calls the workers over step channels (``actors/step_channel.py``) when
+  ``step_transport`` is ``socket``; a channel that cannot connect (a network policy, say) is
+  logged and that worker is called through Ray instead.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from placement.spec import DRAFT, TARGET, ClusterResources, PlacementError
 log = logging.getLogger("outrider.workers")
 
 PLACEMENT_POLL_S = 2.0
+CHANNEL_CONNECT_S = 10.0  # a step channel that does not connect within this falls back to Ray calls
 
 
 def plan_when_placeable(config: ClusterConfig, *, poll_s: float = PLACEMENT_POLL_S):
@@ -144,12 +148,16 @@ class WorkerSet:
             return
         addresses = self.call([(TARGET, t.open_step_channel.remote()) for t in self.targets], "step channel",
                               timeout_s)
+        channels = []
         try:
-            self.channels = [StepChannel(host, port, token, timeout_s=timeout_s) for host, port, token in addresses]
-        except OSError as exc:
-            close_all(self.channels)
-            self.channels = []
-            raise WorkerFailure(TARGET, "did not answer", f"step channel: cannot connect: {exc}") from None
+            for host, port, token in addresses:
+                channels.append(StepChannel(host, port, token, timeout_s=min(timeout_s, CHANNEL_CONNECT_S)))
+        except OSError as exc:  # e.g. a network policy between nodes: slower, but nothing is lost
+            close_all(channels)
+            log.warning("step channel to a target rank at %s:%d unreachable (%s): the engine calls the "
+                        "targets through Ray instead", host, port, exc)
+            return
+        self.channels = channels
 
     def connect_draft(self, timeout_s: float) -> str:
         """(Re)form the draft link on a fresh port; returns the backend."""
@@ -175,9 +183,10 @@ class WorkerSet:
         host, port, token = self.call([(DRAFT, self.draft.open_step_channel.remote())], "draft step channel",
                                       timeout_s)[0]
         try:
-            self.draft_channel = StepChannel(host, port, token, timeout_s=timeout_s)
+            self.draft_channel = StepChannel(host, port, token, timeout_s=min(timeout_s, CHANNEL_CONNECT_S))
         except OSError as exc:
-            raise WorkerFailure(DRAFT, "did not answer", f"draft step channel: cannot connect: {exc}") from None
+            log.warning("step channel to the draft at %s:%d unreachable (%s): the engine calls it through "
+                        "Ray instead", host, port, exc)
 
     def close_draft_channel(self) -> None:
         if self.draft_channel is not None:

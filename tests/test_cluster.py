@@ -191,6 +191,26 @@ def test_role_pools_put_each_worker_on_its_roles_resource(ray_local, checkpoints
         assert [o.token_ids for o in got] == expected(target_model, prompts, params)
 
 
+def test_unreachable_step_channels_fall_back_to_ray_calls(ray_local, checkpoints, target_model, monkeypatch,
+                                                          caplog):
+    import actors.step_channel
+
+    def refuse(self, host, port, token, **kw):
+        raise ConnectionRefusedError(f"refused {host}:{port}")
+
+    monkeypatch.setattr(actors.step_channel.StepChannel, "__init__", refuse)
+    prompts = make_prompts()[:2]
+    params = greedy_params(4)[:2]
+    with caplog.at_level("WARNING", logger="outrider.workers"):
+        cluster = Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=2))
+    with cluster:
+        assert cluster.workers.channels == [] and cluster.workers.draft_channel is None
+        got = run_concurrently(cluster, prompts, params)
+        assert [o.token_ids for o in got] == expected(target_model, prompts, params)
+    assert sum("unreachable" in r.getMessage() and "through Ray instead" in r.getMessage()
+               for r in caplog.records) == 2  # the target rank and the draft
+
+
 def test_role_pools_wait_for_nodes_then_say_what_is_missing(ray_local, checkpoints):
     from placement.spec import PlacementError
 
