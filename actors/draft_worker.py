@@ -182,14 +182,17 @@ class DraftWorker:
         """Run one engine step -> timings and overlap hit counts."""
         for req_id in free_ids:
             self._forget(req_id)
-        for req_id, tokens, params in new:
-            self._tokens[req_id] = list(tokens)
-            self._params[req_id] = params
+        # the target's tokens messages first, then the engine's entries: a new request, or the
+        # whole token list of one whose tokens the target did not send (steps the draft sat out),
+        # which replaces what the messages gave
         while self._token_msgs < num_token_msgs:
             for req_id, token_ids in unpack_tokens(self.link.recv(TARGET_RANK)).items():
                 if req_id in self._tokens:
                     self._tokens[req_id].extend(token_ids)
             self._token_msgs += 1
+        for req_id, tokens, params in new:
+            self._tokens[req_id] = list(tokens)
+            self._params[req_id] = params
         ids = list(drafts)
         # a proposal that first prefills a long catch-up (a new request's prompt) is not a cost sample
         long_catch_up = any(self.proposer.catch_up_length(r, self._tokens[r]) > 2 * self.max_draft_tokens + 2

@@ -13,7 +13,9 @@ One call per engine step, ``step(step_id, new, req_ids, draft_req_ids, free_ids)
 3. one ragged forward: the prompts of ``new`` requests (prefill) and ``[last token, *draft]`` of
    every request in ``req_ids`` (verification; a plain decode step when there is no draft);
 4. ``verify`` each request, commit the accepted path in the KV cache, and send the emitted tokens
-   to the draft (one *tokens* message per step, asynchronously) and back to the control plane.
+   to the draft (one *tokens* message per step, asynchronously — unless ``send_tokens`` is false:
+   on a step the draft sits out, the engine hands it those tokens itself when it next calls it)
+   and back to the control plane.
 
 Tensor parallelism: ``tp_size`` workers run every step together. Rank 0 (the leader) talks to the
 draft; it forwards the proposals to the other ranks before the forward and the accepted paths and
@@ -151,7 +153,7 @@ class TargetWorker:
     @_locked
     @torch.inference_mode()
     def step(self, step_id: int, new: list[NewRequest], req_ids: list[int], draft_req_ids: list[int],
-             free_ids: list[int]) -> dict:
+             free_ids: list[int], send_tokens: bool = True) -> dict:
         """Run one engine step -> {"results": {req_id: {token_ids, num_accepted, num_proposed}}, "draft_link": bool}."""
         proposals = self._receive_proposals(step_id, draft_req_ids)
         self.free(free_ids)
@@ -189,7 +191,7 @@ class TargetWorker:
                 self.tp.isend(pack_tokens(wire_paths) + pack_tokens(emitted), rank)
         for req_id, path in paths.items():
             self.cache.commit(req_id, path)
-        reply = self._emit(emitted, stats)
+        reply = self._emit(emitted, stats, send_tokens)
         # a step that captured a CUDA graph is not a cost sample (capture takes ~100x a replay)
         reply["forward_s"] = None if self.runner.stats["captures"] != captures else time.perf_counter() - t0
         return reply
@@ -250,14 +252,17 @@ class TargetWorker:
             self._tokens[req_id].extend(emitted[req_id])
         return {"results": {}, "draft_link": False}
 
-    def _emit(self, emitted: dict[int, list[int]], stats: dict[int, dict]) -> dict:
-        """Record emitted tokens, tell the draft (async), and build the control-plane reply."""
+    def _emit(self, emitted: dict[int, list[int]], stats: dict[int, dict], send_tokens: bool = True) -> dict:
+        """Record emitted tokens, tell the draft (async) unless the engine said it resyncs the draft
+        itself, and build the control-plane reply."""
         for req_id, token_ids in emitted.items():
             self._tokens[req_id].extend(token_ids)
-        if self.link is not None:
+        sent = False
+        if self.link is not None and send_tokens:
             try:
                 self.link.isend(pack_tokens(emitted), DRAFT_RANK)
+                sent = True
             except PeerLostError:
                 self.disconnect_draft()
         results = {r: {"token_ids": list(t), **stats.get(r, {})} for r, t in emitted.items()}
-        return {"results": results, "draft_link": self.link is not None}
+        return {"results": results, "draft_link": self.link is not None, "tokens_sent": sent}

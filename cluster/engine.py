@@ -25,7 +25,10 @@ Faults (``cluster.workers.WorkerFailure``):
 
 Invariants: every request ends with exactly one ``finished`` or ``error`` event; the scheduler's
 reservations are released exactly once per admitted request; the draft's token stream is counted
-per link (``_token_msgs``) so the draft never waits for a message that will not come.
+per link (``_token_msgs``) so the draft never waits for a message that will not come. On a step
+without a draft call (every k = 0) the target sends the draft nothing; the requests of that step
+are then *stale* for the draft, and its next call carries their whole token lists, which replace
+its own (no per-step traffic to an idle draft, no catch-up backlog on the link).
 """
 
 from __future__ import annotations
@@ -51,7 +54,6 @@ from placement.spec import DRAFT, TARGET
 log = logging.getLogger("outrider.engine")
 
 Sink = Callable[[tuple], None]
-DRAFT_SYNC_EVERY = 16  # steps without drafting after which the idle draft still catches up
 
 
 class EngineDeadError(RuntimeError):
@@ -120,7 +122,7 @@ class Engine:
         self._draft_pending: list[ray.ObjectRef] = []  # draft step calls made through Ray
         self._draft_inflight = 0  # draft step replies not yet read from its step channel
         self._token_msgs = 0
-        self._draft_synced = 0  # token messages the draft was told to catch up to
+        self._draft_stale: set[int] = set()  # requests whose latest tokens the draft has not been sent
         self._draft_frees: list[int] = []  # freed requests the draft has not been told about
         self._dead: str | None = None
         self._recovering: str | None = None
@@ -237,17 +239,17 @@ class Engine:
         new = [(r.req_id, list(r.state.tokens), r.state.params) for r in admitted]
         frees, self._frees = self._frees, []
         t0 = time.perf_counter()
-        args = (step_id, new, [r.req_id for r in running], draft_ids, frees)
         draft_args = None
         if self.workers.draft is not None:
             self._draft_frees += frees
-        if self._draft_up and (draft_ids or new or self._draft_backlog
-                               or self._token_msgs - self._draft_synced >= DRAFT_SYNC_EVERY):
-            # with nothing to draft (k = 0 for all), the draft is called only to catch up now and then
+        if self._draft_up and (draft_ids or new or self._draft_backlog):
+            # with nothing to draft (k = 0 for all) the draft sits the step out
             backlog, self._draft_backlog = self._draft_backlog, []
             draft_frees, self._draft_frees = self._draft_frees, []
-            draft_args = (step_id, backlog + new, {r: draft_ks[r] for r in draft_ids}, self._token_msgs, draft_frees)
-            self._draft_synced = self._token_msgs
+            draft_args = (step_id, backlog + self._resync_stale() + new, {r: draft_ks[r] for r in draft_ids},
+                          self._token_msgs, draft_frees)
+        # the target sends this step's tokens to the draft only if the draft runs this step
+        args = (step_id, new, [r.req_id for r in running], draft_ids, frees, draft_args is not None)
         channels = self.workers.channels
         draft_ref = None
         if channels:  # the draft first: the target waits for its proposals
@@ -263,7 +265,11 @@ class Engine:
         elapsed = time.perf_counter() - t0
         if self._draft_up:
             if out["draft_link"]:
-                self._token_msgs += 1
+                if out.get("tokens_sent", True):
+                    self._token_msgs += 1
+                else:
+                    self._draft_stale.update(r.req_id for r in admitted)
+                    self._draft_stale.update(r.req_id for r in running)
             else:
                 self._draft_lost(WorkerFailure(DRAFT, "lost", "the target lost the draft link"))
         results = out["results"]
@@ -294,6 +300,15 @@ class Engine:
             else:
                 self._draft_done(ref)
         return ray.get(target_refs[0])
+
+    def _resync_stale(self) -> list[tuple[int, list[int], SamplingParams]]:
+        """Whole token lists of the running requests the draft missed tokens of (and forget the rest)."""
+        if not self._draft_stale:
+            return []
+        stale, self._draft_stale = self._draft_stale, set()
+        with self._lock:
+            live = [self._requests.get(req_id) for req_id in stale]
+        return [(r.req_id, list(r.state.tokens), r.state.params) for r in live if r is not None and r.prefilled]
 
     def _send_draft(self, draft_args: tuple):
         """Start the draft's step: over its step channel when it has one (the reply is read later,
@@ -495,7 +510,8 @@ class Engine:
             log.warning("draft back but the link failed (%s); retrying", failure)
             self.workers.restart(DRAFT)
             return
-        self._token_msgs = self._draft_synced = 0
+        self._token_msgs = 0
+        self._draft_stale = set()
         self._draft_frees = []
         with self._lock:
             self._draft_backlog = [(r.req_id, list(r.state.tokens), r.state.params)
@@ -540,7 +556,8 @@ class Engine:
         except WorkerFailure as again:
             self._die(f"the target worker group could not be re-formed: {again}")
             return
-        self._token_msgs = self._draft_synced = 0
+        self._token_msgs = 0
+        self._draft_stale = set()
         self._draft_frees = []
         self._draft_next_check = 0.0
 
