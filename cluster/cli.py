@@ -744,6 +744,10 @@ def _add_bench(commands) -> None:
     p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K", help="draft tokens per step (default: 4)")
     p.add_argument("--adaptive", choices=("off", "on", "both"), default="off",
                    help="cluster rows: goodput-adaptive speculation length (off = fixed K; default: off)")
+    p.add_argument("--step-transport", choices=("socket", "ray", "both"), default="socket",
+                   help="cluster rows: how the engine calls its workers each step — socket (the step channel), "
+                   "ray (an actor call per step, the old path) or both, as baselines in the same run "
+                   "(default: socket)")
     p.add_argument("--concurrency", default="1,4,16", metavar="LIST",
                    help="closed-loop concurrency levels (default: 1,4,16)")
     p.add_argument("--max-tokens", type=int, default=64, metavar="N", help="new tokens per request (default: 64)")
@@ -821,7 +825,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     config = BenchConfig(
         models=args.model or ["demo"], scenarios=split(args.scenarios), drafts=split(args.drafts),
         cluster_draft=args.cluster_draft,
-        num_draft_tokens=args.num_draft_tokens, adaptive=args.adaptive,
+        num_draft_tokens=args.num_draft_tokens, adaptive=args.adaptive, step_transport=args.step_transport,
         concurrency=_int_list("--concurrency", args.concurrency), max_tokens=args.max_tokens,
         max_prompt_tokens=args.max_prompt_tokens, prompts_file=args.prompts,
         per_category=args.per_category or None, categories=split(args.categories), repetitions=args.repetitions,

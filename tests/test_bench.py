@@ -271,3 +271,19 @@ def test_cli_bench_arrival_flags(tmp_path):
     assert main(["bench", "--arrival-rates", "2,x", "--out", str(tmp_path)]) == 2
     assert main(["bench", "--arrival-cv", "0", "--out", str(tmp_path)]) == 2
     assert main(["bench", "--slo-attainment", "1.5", "--out", str(tmp_path)]) == 2
+
+
+def test_step_transport_both_gives_each_transport_its_own_baseline(ray_local, checkpoint, tmp_path):
+    """--step-transport both: the cluster rows run with a Ray call per step and with the step channel,
+    each row over the target-only row of its own transport, and both greedy-identical to target-only."""
+    results = run_bench(tiny_config(checkpoint, tmp_path, scenarios=["cluster-target-only"], concurrency=[1],
+                                    step_transport="both", plots=False))
+    assert results["errors"] == []
+    rows = results["models"][0]["rows"]
+    assert sorted(r["step_transport"] for r in rows) == ["ray", "socket"]
+    assert all(r["greedy"]["mismatched_requests"] == 0 for r in rows)
+    md = (tmp_path / "results.md").read_text()
+    assert "cluster-target-only [Ray call per step]" in md
+    assert md.count("| 1.00× |") >= 2  # each transport's row is its own baseline
+    with pytest.raises(ValueError, match="step_transport must be socket, ray or both"):
+        tiny_config(checkpoint, tmp_path, step_transport="grpc").validate()

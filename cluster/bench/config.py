@@ -29,6 +29,7 @@ class BenchConfig:
     cluster_draft: str | None = None  # the cluster rows' draft; default: see runner.cluster_draft
     num_draft_tokens: int = 4
     adaptive: str = "off"  # cluster speculation length: off (fixed k) | on | both
+    step_transport: str = "socket"  # how the cluster rows' engine calls its workers: socket | ray | both
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
     max_tokens: int = 64
     max_prompt_tokens: int = 512
@@ -71,6 +72,8 @@ class BenchConfig:
             raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
         if self.adaptive not in ("off", "on", "both"):
             raise ValueError(f"adaptive must be off, on or both, got {self.adaptive!r}")
+        if self.step_transport not in ("socket", "ray", "both"):
+            raise ValueError(f"step_transport must be socket, ray or both, got {self.step_transport!r}")
         for name, value in (("repetitions", self.repetitions), ("max_tokens", self.max_tokens),
                             ("num_draft_tokens", self.num_draft_tokens), ("max_prompt_tokens", self.max_prompt_tokens)):
             if value < 1:

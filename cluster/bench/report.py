@@ -80,6 +80,8 @@ def row_name(row: dict) -> str:
         name += f" `{_short_draft(draft)}`"
     if row.get("adaptive") is not None:
         name += " adaptive" if row["adaptive"] else " fixed-k"
+    if row.get("step_transport") == "ray":
+        name += " [Ray call per step]"
     if row.get("emulated_alpha") is not None:
         name += f" (emulated α = {row['emulated_alpha']:g})"
     return name
@@ -96,7 +98,8 @@ def _baseline(models: list[dict], model: dict, row: dict) -> float | None:
     want = "cluster-target-only" if row["scenario"].startswith("cluster") else "ours-target-only"
     for m in [model] + [x for x in models if x is not model and x["path"] == model["path"]]:
         for other in m["rows"]:
-            if other["scenario"] == want and other["concurrency"] == row["concurrency"]:
+            if (other["scenario"] == want and other["concurrency"] == row["concurrency"]
+                    and other.get("step_transport") == row.get("step_transport")):
                 return other["tok_s"]["median"]
     return None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import itertools
 import json
 import os
 import platform
@@ -480,10 +481,11 @@ class BenchRun:
         return row
 
     def _add_arrival_row(self, model_rec, scenario, draft, k, adaptive, rate, meas, reqs, schedule, *,
-                         max_running: int) -> dict:
+                         max_running: int, step_transport: str | None = None) -> dict:
         cfg = self.config
         reps = meas["reps"]
         row = {"scenario": scenario, "draft": draft, "k": k, "adaptive": adaptive, "rate_rps": rate,
+               "step_transport": step_transport,
                "arrival": "poisson" if cfg.arrival_cv == 1.0 else f"gamma cv={cfg.arrival_cv:g}",
                "arrival_cv": cfg.arrival_cv, "seed": cfg.seed, "requests": len(reqs), "schedule_s": schedule,
                # the sample's own rate: a few dozen seeded gaps stray from the nominal one
@@ -693,6 +695,7 @@ class BenchRun:
         longest = max(len(p) for p in prompts)
         kv_tokens = cmax * (longest + cfg.max_tokens + 4 * k + 64) + 256
         adaptive_modes = {"off": [False], "on": [True], "both": [False, True]}[cfg.adaptive]
+        transports = {"socket": ["socket"], "ray": ["ray"], "both": ["ray", "socket"]}[cfg.step_transport]
         cost_table = cfg.cluster_cost_table
         if cost_table == "measured":
             cost_table = model_rec.get("cost_table_file")
@@ -716,15 +719,16 @@ class BenchRun:
             if scenario.startswith("cluster-separate") and gpus < 2:
                 self._skip(f"{label} {scenario}", f"needs >= 2 GPUs, the Ray cluster has {gpus}")
                 continue
-            for adaptive in (adaptive_modes if uses_draft else [None]):
-                what = f"{label} {scenario}" + ("" if adaptive is None else f" adaptive={'on' if adaptive else 'off'}")
+            for transport, adaptive in itertools.product(transports, adaptive_modes if uses_draft else [None]):
+                what = (f"{label} {scenario}" + ("" if adaptive is None else f" adaptive={'on' if adaptive else 'off'}")
+                        + (f" step_transport={transport}" if len(transports) > 1 else ""))
                 if not self._time_ok(what):
                     continue
                 fields = {"target": str(path), "draft": draft if uses_draft else "none", "num_draft_tokens": k,
                           "adaptive": bool(adaptive), "dtype": str(self.dtype).removeprefix("torch."),
                           "kv_budget_tokens": kv_tokens, "max_running": cmax, "max_waiting": max(256, 4 * cmax),
                           "cpus_per_worker": cfg.cpus_per_worker, "num_gpus": cfg.num_gpus,
-                          "step_timeout_s": 120.0, "start_timeout_s": 300.0, **layout}
+                          "step_timeout_s": 120.0, "start_timeout_s": 300.0, "step_transport": transport, **layout}
                 if uses_draft and oracle_file is not None:
                     fields["oracle_continuations"] = str(oracle_file)
                 if uses_draft and cost_table is not None:
@@ -748,7 +752,7 @@ class BenchRun:
                             self._add_row(model_rec, scenario, fields["draft"], k if uses_draft else 0, adaptive, c,
                                           meas, reqs, encoded,
                                           extra={"cluster_start_s": start_s, "placement": placement,
-                                                 "workers": devices})
+                                                 "workers": devices, "step_transport": transport})
                         # open loop: Poisson (or bursty) arrivals per rate, on the same (warm) cluster
                         for rate in cfg.arrival_rates:
                             if not self._time_ok(f"{what} arrivals {rate:g}/s"):
@@ -761,7 +765,8 @@ class BenchRun:
                                                    slo_tpot_s=cfg.slo_tpot_s, repetitions=cfg.repetitions,
                                                    max_positions=max(k, 1))
                             self._add_arrival_row(model_rec, scenario, fields["draft"], k if uses_draft else 0,
-                                                  adaptive, rate, meas, reqs, schedule, max_running=cmax)
+                                                  adaptive, rate, meas, reqs, schedule, max_running=cmax,
+                                                  step_transport=transport)
                 except Exception as exc:  # noqa: BLE001
                     self._error(what, exc)
         if oracle_file is not None:
