@@ -32,6 +32,7 @@ from cluster.scheduler import EngineOverloadedError
 from cluster.serve.grpc_ingress import GrpcIngress
 from protos.outrider.v1 import generate_pb2 as pb
 from protos.outrider.v1 import generate_pb2_grpc as pb_grpc
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "s3cret-key"
@@ -107,12 +108,6 @@ class FakeEngine:
 
     def state(self) -> dict:
         return {"requests": self.requests, "aborted": self.aborted}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -453,7 +448,8 @@ def test_real_engine_server(served, tmp_path):
 
         run(cancel())
         assert engine.kv_free_tokens.remote().result() == free_before
-        assert run(health(port)) == {"": "SERVING", "outrider.v1.Generation": "SERVING"}
+        # health is polled (every 2 s; the first poll may have run while the engine was starting)
+        assert wait_health(port, "SERVING", timeout_s=30) == {"": "SERVING", "outrider.v1.Generation": "SERVING"}
     finally:
         serve.delete("real")
 

@@ -4,7 +4,6 @@ twice (SIGINT) — it must exit 0 and take its server down."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,9 @@ import openai
 import pytest
 
 from tests.tiny_models import write_tiny_checkpoint
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def grpc_available() -> bool:

@@ -31,6 +31,7 @@ from cluster.config import ClusterConfig
 from cluster.serve.app import APP_NAME, deploy
 from cluster.serve.openai_ingress import OpenAIIngress
 from tests.tiny_models import write_tiny_checkpoint
+from tests.conftest import free_port
 
 CONTEXT = 128
 API_KEY = "test-key-123"
@@ -48,12 +49,6 @@ def _grpc_available() -> bool:
 
 
 GRPC = _grpc_available()  # the gRPC front end shares the engine: its text must match too
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
