@@ -55,6 +55,7 @@ from actors.transport import (
     Transport,
     assigned_gpu_ids,
     node_address,
+    node_id,
     pack_proposals,
     pick_device,
     unpack_tokens,
@@ -153,7 +154,8 @@ class DraftWorker:
         self._token_msgs = 0  # tokens messages received on the current link
 
     def info(self) -> dict:
-        return {"ready": True, "device": str(self.device), "gpu_ids": assigned_gpu_ids(), "pid": os.getpid(),
+        return {"ready": True, "device": str(self.device), "gpu_ids": assigned_gpu_ids(), "node": node_id(),
+                "pid": os.getpid(),
                 "kv_capacity_tokens": self.proposer.cache.capacity_tokens}
 
     def open_step_channel(self) -> tuple[str, int, str]:

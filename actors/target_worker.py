@@ -52,6 +52,7 @@ from actors.transport import (
     assigned_gpu_ids,
     free_port,
     node_address,
+    node_id,
     pack_proposals,
     pack_tokens,
     pick_device,
@@ -111,11 +112,11 @@ class TargetWorker:
     def info(self) -> dict:
         if self.model is None:
             return {"ready": False, "device": str(self.device), "tp_rank": self.tp_rank, "gpu_ids": assigned_gpu_ids(),
-                    "pid": os.getpid()}
+                    "node": node_id(), "pid": os.getpid()}
         cfg = self.model.config
         return {"ready": True, "vocab_size": cfg.vocab_size, "max_context": cfg.max_context,
                 "device": str(self.device), "tp_rank": self.tp_rank, "gpu_ids": assigned_gpu_ids(),
-                "pid": os.getpid(), "kv_capacity_tokens": self.cache.capacity_tokens}
+                "node": node_id(), "pid": os.getpid(), "kv_capacity_tokens": self.cache.capacity_tokens}
 
     def transport_address(self) -> tuple[str, int]:
         """(node address, free port) for a process group's TCP store; this worker hosts it."""

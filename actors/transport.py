@@ -95,6 +95,22 @@ def assigned_gpu_ids() -> list[str]:
         return []
 
 
+def node_id() -> str | None:
+    """This process's Ray node id (None outside Ray): with ``assigned_gpu_ids`` it names a physical GPU."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except ImportError:
+        return None
+
+
+def same_physical_gpu(a: dict, b: dict) -> bool:
+    """Whether two workers' ``info()`` describe the same GPU. Device strings cannot tell: Ray sets
+    CUDA_VISIBLE_DEVICES per actor, so every worker calls its first GPU ``cuda:0``."""
+    return a.get("node") == b.get("node") and bool(set(a.get("gpu_ids", ())) & set(b.get("gpu_ids", ())))
+
+
 def pick_device() -> torch.device:
     """``cuda`` when Ray assigned this process a GPU and CUDA exists, else ``cpu`` (fake GPUs)."""
     try:

@@ -161,10 +161,14 @@ class WorkerSet:
 
     def connect_draft(self, timeout_s: float) -> str:
         """(Re)form the draft link on a fresh port; returns the backend."""
+        from actors.transport import same_physical_gpu
+
         addr, port = self.call([(TARGET, self.targets[0].transport_address.remote())], "draft link", timeout_s)[0]
-        target_device = self.call([(TARGET, self.targets[0].info.remote())], "draft link", timeout_s)[0]["device"]
-        draft_device = self.call([(DRAFT, self.draft.info.remote())], "draft link", timeout_s)[0]["device"]
-        backend = "gloo" if (target_device == draft_device or "cuda" not in target_device) else None
+        target_info = self.call([(TARGET, self.targets[0].info.remote())], "draft link", timeout_s)[0]
+        draft_info = self.call([(DRAFT, self.draft.info.remote())], "draft link", timeout_s)[0]
+        # NCCL between two distinct GPUs; gloo on CPU and when the draft shares target rank 0's GPU
+        on_gpus = "cuda" in target_info["device"] and "cuda" in draft_info["device"]
+        backend = None if on_gpus and not same_physical_gpu(target_info, draft_info) else "gloo"
         link_timeout = self.config.step_timeout_s / 2
         backends = self.call([
             (TARGET, self.targets[0].connect_draft.remote(addr, port, backend, link_timeout)),

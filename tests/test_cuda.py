@@ -77,3 +77,47 @@ def test_cluster_colocated_on_one_real_gpu(path, overlap):
         results = asyncio.run(run(cluster))
     assert not ray.is_initialized()
     assert [r.token_ids for r in results] == [r.token_ids for r in reference]
+
+
+def _cluster_matches_reference(path, **layout):
+    """Run PROMPTS through a cluster with `layout` and compare greedy output with the reference loop."""
+    import asyncio
+    import os
+
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from cluster.cluster import Cluster
+    from cluster.config import ClusterConfig
+
+    params = SamplingParams(max_tokens=20)
+    reference = generate(load_model(path, dtype=torch.float32, device="cuda"), PROMPTS, params)
+    config = ClusterConfig(target=str(path), draft="self:2", num_draft_tokens=3, dtype="float32",
+                           kv_budget_tokens=2048, step_timeout_s=60, cpus_per_worker=0, **layout)
+
+    async def run(cluster):
+        streams = [await cluster.generate(p, params, ignore_eos=True) for p in PROMPTS]
+        return [await s.result() for s in streams]
+
+    with Cluster.start(config) as cluster:
+        info = cluster.workers.info
+        results = asyncio.run(run(cluster))
+    assert not ray.is_initialized()
+    assert [r.token_ids for r in results] == [r.token_ids for r in reference]
+    return info
+
+
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL paths)")
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("overlap", [False, True])
+def test_cluster_draft_on_its_own_gpu_over_nccl(path, overlap):
+    """Draft and target on two distinct GPUs: the draft link is an NCCL group."""
+    info = _cluster_matches_reference(path, target_gpus=1, draft_gpus=1, colocate=False, overlap=overlap)
+    assert info.target_device.startswith("cuda") and info.draft_device.startswith("cuda")
+
+
+@needs_two_gpus
+def test_cluster_tensor_parallel_target_over_nccl(path):
+    """A target split over two GPUs (NCCL all-reduce) with a draft colocated on rank 0's GPU."""
+    _cluster_matches_reference(path, target_gpus=2, draft_gpus=0, colocate=True, overlap=True)

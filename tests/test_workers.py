@@ -6,6 +6,7 @@ import torch
 from actors.spec.reference import generate as reference_generate
 from actors.spec.types import Proposal, SamplingParams
 from actors.transport import (
+    same_physical_gpu,
     pack_proposals,
     pack_tokens,
     unpack_proposals,
@@ -28,6 +29,16 @@ def test_proposal_and_token_messages_round_trip():
         assert (got[req_id].draft_probs is None) == (proposal.draft_probs is None)
     assert torch.equal(got[4].draft_probs, q)
     assert unpack_tokens(pack_tokens({3: [1, 2], 7: [], 1: [9]})) == {3: [1, 2], 7: [], 1: [9]}
+
+
+def test_draft_link_backend_tells_gpus_apart_by_node_and_ray_gpu_id():
+    """Every Ray actor calls its first GPU cuda:0, so the link's backend (gloo when shared, NCCL
+    between distinct GPUs) must come from the node and Ray's GPU ids, never the device string."""
+    rank0 = {"device": "cuda:0", "gpu_ids": ["0"], "node": "n1"}
+    assert same_physical_gpu(rank0, {"device": "cuda:0", "gpu_ids": ["0"], "node": "n1"})  # colocated share
+    assert not same_physical_gpu(rank0, {"device": "cuda:0", "gpu_ids": ["1"], "node": "n1"})  # its own GPU
+    assert not same_physical_gpu(rank0, {"device": "cuda:0", "gpu_ids": ["0"], "node": "n2"})  # another node
+    assert same_physical_gpu({"gpu_ids": ["0", "1"], "node": "n1"}, {"gpu_ids": ["1"], "node": "n1"})
 
 
 def test_target_worker_decodes_alone_like_the_reference(tmp_path):
