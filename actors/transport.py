@@ -51,12 +51,16 @@ class PeerLostError(RuntimeError):
 
 
 def make_process_group(addr: str, port: int, rank: int, world_size: int, backend: str,
-                       device: torch.device, timeout_s: float = 120.0):
-    """A new, unregistered process group (rank 0 hosts its TCP store on ``addr:port``)."""
+                       device: torch.device, timeout_s: float = 120.0, *, store=None, prefix: str | None = None):
+    """A new, unregistered process group. Rank 0 hosts its TCP store on ``addr:port``, unless a
+    ``store`` is given; ``prefix`` puts the group's keys apart so several groups share one store."""
     if addr in ("127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on loopback
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(addr, port, world_size, rank == 0, timeout=timeout)
+    if store is None:
+        store = dist.TCPStore(addr, port, world_size, rank == 0, timeout=timeout)
+    if prefix is not None:
+        store = dist.PrefixStore(prefix, store)
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, world_size, timeout)
     if backend == "nccl":
@@ -142,10 +146,53 @@ class Transport:
         self.rank, self.world_size = rank, world_size
         self.backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
         self.timeout_s = timeout_s
-        self.group = make_process_group(addr, port, rank, world_size, self.backend, self.device, timeout_s)
+        # one group per direction over one store: ``group`` carries messages to higher ranks (and the
+        # tensor-parallel collectives), ``group_up`` messages to lower ranks. NCCL runs a pair's sends
+        # and receives in order on one stream, so a target sending tokens while its draft sends a
+        # proposal could each wait for the other's receive; one direction per group cannot.
+        store = dist.TCPStore(addr, port, world_size, rank == 0, timeout=timedelta(seconds=timeout_s))
+        self.group = make_process_group(addr, port, rank, world_size, self.backend, self.device, timeout_s,
+                                        store=store, prefix="down")
+        self.group_up = make_process_group(addr, port, rank, world_size, self.backend, self.device, timeout_s,
+                                           store=store, prefix="up")
+        self._store = store
         # gloo moves CPU tensors; NCCL moves tensors on this rank's GPU
         self._wire_device = torch.device("cpu") if self.backend == "gloo" else self.device
         self._inflight: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
+        self._handshake()
+
+    def _group_for(self, peer: int):
+        """The group a message between this rank and ``peer`` travels on (by its direction)."""
+        group = self.group if peer > self.rank else self.group_up
+        if group is None:
+            raise PeerLostError("the transport is closed")
+        return group
+
+    def _group_from(self, peer: int):
+        return self.group if peer < self.rank else self.group_up
+
+    def _handshake(self) -> None:
+        """One token each way between rank 0 and every other rank, while every rank is in its
+        constructor. NCCL forms a pair's communicator at the pair's first send or receive, and both
+        ranks must be there: formed lazily, the target's first token message would block until the
+        draft's next step call — which the engine makes only after the target has answered.
+        Fixed order (every "down" pair, then every "up" pair) so no rank waits on a later one."""
+        peers = range(1, self.world_size) if self.rank == 0 else [0]
+        deadline = time.monotonic() + self.timeout_s
+        for direction_down in (True, False):
+            for peer in peers:
+                sending = (self.rank < peer) == direction_down
+                token = torch.ones(1, dtype=torch.int64, device=self._wire_device)
+                try:
+                    if sending:
+                        self._group_for(peer).send([token], peer, 0).wait()
+                    else:
+                        self._recv_into(token, peer, deadline)
+                except RuntimeError as exc:
+                    raise PeerLostError(f"handshake with rank {peer} failed: {str(exc).splitlines()[0][:300]}") \
+                        from exc
+        if self._wire_device.type == "cuda":
+            torch.cuda.current_stream(self._wire_device).synchronize()
 
     # ----------------------------------------------------------------- messages
     def send(self, tensors: Sequence[torch.Tensor], dst: int) -> None:
@@ -197,18 +244,21 @@ class Transport:
     def close(self) -> None:
         """Leave the group (undelivered ``isend`` messages are dropped)."""
         self._inflight = []
-        group, self.group = self.group, None
-        if group is not None and self.backend == "nccl" and hasattr(group, "abort"):
-            try:
-                group.abort()
-            except Exception:  # noqa: BLE001 - a broken communicator may refuse; it is dropped anyway
-                pass
+        groups = (self.group, self.group_up)
+        self.group = self.group_up = None
+        for group in groups:
+            if group is not None and self.backend == "nccl" and hasattr(group, "abort"):
+                try:
+                    group.abort()
+                except Exception:  # noqa: BLE001 - a broken communicator may refuse; it is dropped anyway
+                    pass
 
     def _recv_into(self, tensor: torch.Tensor, src: int, deadline: float) -> None:
-        if self.group is None:
+        group = self._group_from(src)
+        if group is None:
             raise PeerLostError("the transport is closed")
         try:
-            work = self.group.recv([tensor], src, 0)
+            work = group.recv([tensor], src, 0)
             if self.backend == "gloo":
                 work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
             else:  # NCCL completes on the GPU; poll so a dead peer cannot block the host forever
@@ -241,10 +291,9 @@ class Transport:
         body = torch.cat([header, *inline]) if inline else header
         length = torch.tensor([body.numel()], dtype=torch.int64, device=self._wire_device)
         buffers = [length, body, *(t for t in wire if t.dtype != torch.int64 and t.numel())]
-        if self.group is None:
-            raise PeerLostError("the transport is closed")
+        group = self._group_for(dst)
         try:
-            return [self.group.send([t], dst, 0) for t in buffers], buffers
+            return [group.send([t], dst, 0) for t in buffers], buffers
         except RuntimeError as exc:
             raise PeerLostError(f"send to rank {dst} failed: {str(exc).splitlines()[0][:300]}") from exc
 
