@@ -242,8 +242,12 @@ class Engine:
         draft_args = None
         if self.workers.draft is not None:
             self._draft_frees += frees
-        if self._draft_up and (draft_ids or new or self._draft_backlog):
-            # with nothing to draft (k = 0 for all) the draft sits the step out
+        if self._draft_up and (draft_ids or self._draft_backlog or (new and not running)):
+            # with nothing to draft (k = 0 for all) the draft sits the step out. New prompts go to the
+            # draft with the step's proposals, or when nothing else runs (a first request: its draft
+            # prefill overlaps the target's); while speculation is off for a running batch they wait
+            # (marked stale below, handed over whole at the next draft call), so a colocated draft
+            # does not prefill every arrival on the target's GPU for nothing.
             backlog, self._draft_backlog = self._draft_backlog, []
             draft_frees, self._draft_frees = self._draft_frees, []
             draft_args = (step_id, backlog + self._resync_stale() + new, {r: draft_ks[r] for r in draft_ids},

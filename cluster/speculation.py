@@ -14,7 +14,11 @@ Cost of deciding: a full decision evaluates every k with numpy (about 1 ms on th
 machine, a visible share of a small model's step), while acceptance rates and step costs move
 slowly. So a decision is reused for the same set of running requests for up to ``REDECIDE_EVERY``
 steps (the engine still caps each request's k by what it may emit); a new or finished request, or
-the limit, triggers a fresh one.
+the limit, triggers a fresh one. A decision that turned speculation off (k = 0 for every request)
+is reused for any running set of at least ``REUSE_OFF_FROM`` requests in the same power-of-two
+size class, for up to ``REDECIDE_OFF_EVERY`` steps: under load requests come and go nearly every
+step, and re-deciding "off" each time cost the engine more than the decision is worth (a request
+the decision does not name gets k = 0).
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ from cluster.speculation_policy import (
 
 
 REDECIDE_EVERY = 8
+REDECIDE_OFF_EVERY = 32
+REUSE_OFF_FROM = 4  # smaller batches re-decide as usual: cheap, and exploration there is what finds k > 0
+
+
+def _size_class(n: int) -> int:
+    """Power-of-two class of a batch size (1, 2, 3-4, 5-8, ...)."""
+    return max(0, n - 1).bit_length()
 
 
 class SpeculationControl:
@@ -51,9 +62,16 @@ class SpeculationControl:
 
     def choose(self, req_ids: Sequence[Hashable], caps: Mapping[Hashable, int]) -> SpecDecision:
         key = tuple(req_ids)
-        if self._last is not None and self._last[0] == key and self._reused < REDECIDE_EVERY - 1:
-            self._reused += 1
-            return self._last[1]
+        if self._last is not None:
+            last_key, last = self._last
+            if last_key == key and self._reused < REDECIDE_EVERY - 1:
+                self._reused += 1
+                return last
+            if (len(key) >= REUSE_OFF_FROM and not any(last.per_request.values())
+                    and last.reason_code == "goodput" and _size_class(len(key)) == _size_class(len(last_key))
+                    and self._reused < REDECIDE_OFF_EVERY - 1):
+                self._reused += 1
+                return last
         decision = self.policy.choose(req_ids, caps)
         self._last, self._reused = (key, decision), 0
         return decision

@@ -154,6 +154,44 @@ def test_idle_draft_catches_up_after_many_steps_without_drafting(ray_local, chec
         assert set(lengths[:25]) == {1} and max(lengths) > 1  # drafting resumed and was accepted
 
 
+def test_arrivals_reach_the_draft_only_when_drafting_resumes(ray_local, checkpoints, target_model):
+    """While k = 0 for a running batch, new prompts are not prefilled on the draft (a colocated
+    draft would spend the target's GPU on it for nothing); they reach it whole with the next step
+    that drafts, and every output stays the target's."""
+    from cluster.speculation_policy import FixedPolicy
+
+    prompts = make_prompts((11, 19, 7))
+    params = [SamplingParams(max_tokens=90), SamplingParams(max_tokens=40), SamplingParams(max_tokens=40)]
+    want = expected(target_model, prompts, params)
+    with Cluster.start(config(checkpoints[0], draft="self:3", num_draft_tokens=3, adaptive=False)) as cluster:
+        control = cluster.engine.policy
+        control.policy = FixedPolicy(0)
+        metrics = cluster.engine.metrics
+
+        def draft_steps() -> float:
+            return metrics.get("outrider_draft_step_seconds_count") or 0.0
+
+        async def main():
+            first = await cluster.generate(prompts[0], params[0], ignore_eos=True)
+            later, seen, off_steps = [], 0, None
+            async for chunk in first:
+                seen += len(chunk.token_ids)
+                if seen >= 10 and not later:  # arrivals while speculation is off for a running batch
+                    later = [await cluster.generate(p, sp, ignore_eos=True) for p, sp in zip(prompts[1:], params[1:])]
+                    for stream in later:
+                        async for _ in stream:
+                            break  # both admitted and prefilled on the target
+                if later and off_steps is None and seen >= 30:
+                    off_steps = draft_steps()
+                    control.policy = FixedPolicy(3)
+            return [await first.result()] + [await s.result() for s in later], off_steps
+
+        outs, off_steps = asyncio.run(main())
+        assert off_steps is not None and off_steps <= 1  # at most the first prompt's draft prefill
+        assert [o.token_ids for o in outs] == want
+        assert all(max(o.stats["accepted_lengths"]) > 1 for o in outs)  # all drafted once resumed
+
+
 def test_target_only_and_late_arrivals(ray_local, checkpoints, target_model):
     prompts, params = make_prompts(), greedy_params(6)
     with Cluster.start(config(checkpoints[0], draft="none")) as cluster:

@@ -353,3 +353,58 @@ def test_closed_loop_recovers_from_a_wrong_prior(case):
         assert max(last) <= 1
     else:
         assert min(last) >= 3
+
+
+class _CountingPolicy:
+    """Gives every request k and counts how often the engine's control really decided."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.calls = k, 0
+
+    def choose(self, req_ids, caps=None):
+        self.calls += 1
+        ids = list(req_ids)
+        return SpecDecision(self.k, dict.fromkeys(ids, self.k), len(ids), (), "test", "goodput")
+
+
+def _control(k: int):
+    from cluster.config import ClusterConfig
+    from cluster.speculation import SpeculationControl
+
+    control = SpeculationControl(ClusterConfig(target="unused", draft="self:1", num_draft_tokens=4))
+    control.policy = _CountingPolicy(k)
+    return control
+
+
+def test_control_reuses_a_decision_for_the_same_running_set_only_while_speculating():
+    from cluster.speculation import REDECIDE_EVERY
+
+    control = _control(3)
+    ids = list(range(8))
+    for _ in range(REDECIDE_EVERY):
+        assert control.choose(ids, {}).k_for(0) == 3
+    assert control.policy.calls == 1
+    control.choose(ids, {})
+    assert control.policy.calls == 2  # the reuse limit
+    control.choose(ids[1:] + [99], {})  # a finished and a new request: decide afresh
+    assert control.policy.calls == 3
+
+
+def test_control_keeps_speculation_off_across_arrivals_in_the_same_size_class():
+    """Under load requests come and go nearly every step; an "off" decision holds for any running
+    set of the same power-of-two size (a request it does not name gets k = 0) up to its limit."""
+    from cluster.speculation import REDECIDE_OFF_EVERY, REUSE_OFF_FROM
+
+    control = _control(0)
+    for step in range(REDECIDE_OFF_EVERY):
+        ids = list(range(step, step + 30))  # 30 running, one leaves and one arrives each step
+        assert control.choose(ids, {}).k_for(step + 29) == 0
+    assert control.policy.calls == 1
+    control.choose(list(range(100, 130)), {})
+    assert control.policy.calls == 2  # the reuse limit
+    control.choose(list(range(100, 110)), {})
+    assert control.policy.calls == 3  # another size class (9-16)
+    small = list(range(REUSE_OFF_FROM - 1))
+    control.choose(small, {})
+    control.choose([s + 1000 for s in small], {})
+    assert control.policy.calls == 5  # small batches re-decide on every change
