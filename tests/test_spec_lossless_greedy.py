@@ -182,3 +182,30 @@ def test_streaming_callback_sees_every_accepted_token_in_order(target, perturbed
     results = generate(target, PROMPTS, GREEDY, proposer=draft_proposer(perturbed_draft, target),
                        on_tokens=lambda i, ids: streamed[i].extend(ids))
     assert [streamed[i] for i in range(len(PROMPTS))] == [r.token_ids for r in results] == reference
+
+
+@pytest.mark.parametrize("mode", ["eager", "padded"])
+def test_greedy_chains_without_host_round_trips_equal_level_by_level_drafting(target, perturbed_draft, mode):
+    """The fast greedy-chain path (argmax kept on the device, fed into the next level's input ids)
+    drafts exactly what the level-by-level path drafts, and leaves the draft cache in the same
+    state, over rounds where sequences grow by accepted tokens, in ragged and dense layouts."""
+    from actors.model.graph_runner import GraphRunner
+    from actors.spec.proposers import ProposeRequest
+
+    fast, slow = draft_proposer(perturbed_draft, target), draft_proposer(perturbed_draft, target)
+    slow.fast_greedy_chains = False
+    for proposer in (fast, slow):
+        proposer.runner = GraphRunner(perturbed_draft, proposer.cache, mode=mode, kv_buckets=(32, 64, 128))
+    tokens = {i: list(p) for i, p in enumerate(PROMPTS)}
+    for round_ in range(6):
+        depth = 1 + round_ % 4
+        ids = sorted(tokens)[round_ % 2:]  # batch composition changes between rounds
+        requests = [ProposeRequest(i, tokens[i], GREEDY) for i in ids]
+        got = fast.propose(requests, TreeShape.chain(depth))
+        want = slow.propose(requests, TreeShape.chain(depth))
+        for i, g, w in zip(ids, got, want):
+            assert g.token_ids.tolist() == w.token_ids.tolist() and g.parents == w.parents
+            assert g.draft_probs is None and len(g) == depth
+            assert fast.cache.seq_len(i) == slow.cache.seq_len(i)
+            accepted = g.token_ids.tolist()[: round_ % (depth + 1)]  # some accepted, then a correction
+            tokens[i] += accepted + [(sum(tokens[i]) + round_) % 250]

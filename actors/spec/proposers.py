@@ -99,6 +99,7 @@ class DraftModelProposer(Proposer):
         self.runner = GraphRunner(draft_model, self.cache)  # CUDA graphs on a GPU, eager elsewhere
         self._cached_ids: dict[Hashable, list[int]] = {}
         self._generators: dict[Hashable, torch.Generator | None] = {}
+        self.fast_greedy_chains = True  # greedy chains without a host round trip per level
 
     def catch_up_length(self, req_id: Hashable, token_ids: Sequence[int]) -> int:
         """How many of ``token_ids`` the next proposal would feed before drafting (its prefill)."""
@@ -114,6 +115,8 @@ class DraftModelProposer(Proposer):
     def propose(self, requests: Sequence[ProposeRequest], shape: TreeShape) -> list[Proposal]:
         if not requests or shape.depth == 0:
             return [Proposal.empty() for _ in requests]
+        if self.fast_greedy_chains and shape.num_nodes == shape.depth and all(r.params.greedy for r in requests):
+            return self._greedy_chains(requests, shape.depth)
         # Level 0: catch the draft cache up with each sequence's real tokens; the logits at the
         # last real token give the distribution of the first draft level.
         steps = [self._catch_up_step(r) for r in requests]
@@ -154,6 +157,31 @@ class DraftModelProposer(Proposer):
         for request, tree in zip(requests, trees):
             self.cache.commit(request.req_id, [])  # drop drafted entries; keep the real prefix
             proposals.append(tree.build(greedy=request.params.greedy))
+        return proposals
+
+    def _greedy_chains(self, requests: Sequence[ProposeRequest], depth: int) -> list[Proposal]:
+        """Greedy chains for a batch without a host round trip per level: each level's argmax stays
+        on the device and is written into the next level's input ids (built with placeholder
+        tokens: a chain level's metadata does not depend on the tokens), so the host queues level
+        l + 1 while the device still runs level l, and reads every drafted token once at the end.
+        Drafts, cache entries and proposals equal the level-by-level path's (same top-1 rule)."""
+        steps = [self._catch_up_step(r) for r in requests]
+        batch = self.runner.build(steps)
+        logits = self.runner.forward(batch)  # [B, V] at each sequence's last real token
+        for step in steps:
+            self.cache.commit(step.req_id)  # the catch-up tokens are real
+        levels = [_top1(logits, self.target_vocab_size)]
+        for level in range(1, depth):
+            # feed the previous level's token (tree node level - 1, whose parent is node level - 2)
+            steps = [SeqStep(r.req_id, [0], parents=[level - 2]) for r in requests]
+            batch = self.runner.build(steps)
+            batch.input_ids[: len(steps)].copy_(levels[-1])  # one token per sequence: rows 0..B-1
+            levels.append(_top1(self.runner.forward(batch), self.target_vocab_size))
+        drafted = torch.stack(levels, dim=1).tolist()  # the one device->host read
+        proposals = []
+        for request, tokens in zip(requests, drafted):
+            self.cache.commit(request.req_id, [])  # drop drafted entries; keep the real prefix
+            proposals.append(Proposal(torch.tensor(tokens, dtype=torch.long), tuple(range(-1, depth - 1)), None))
         return proposals
 
     # ----------------------------------------------------------------- helpers
@@ -231,6 +259,12 @@ def _reusable_prefix(cached: Sequence[int], ids: Sequence[int]) -> int:
 def _draft_seed(params: SamplingParams) -> int | None:
     """The draft's own random stream, derived from the request seed (independent of the target's)."""
     return None if params.seed is None else (params.seed * 1_000_003 + 17) % (2**63)
+
+
+def _top1(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Greedy draft token per row of draft logits [B, V_draft], on the device: [B] int64. The same
+    rule as ``_draw`` for greedy requests (top-1 of the float logits in the target's vocabulary)."""
+    return torch.topk(_to_vocab(logits.float(), vocab_size), k=1, dim=-1).indices[:, 0]
 
 
 def _to_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
