@@ -1,9 +1,11 @@
 """Point-to-point tensor channel between Ray actors over ``torch.distributed`` (data plane).
 
 The control plane picks a free TCP port on the rank-0 host and tells every actor
-``init_transport(addr, port, rank, world_size)``; the actors then form one process group
-(NCCL when every rank has its own GPU, gloo otherwise — CPU tests, or draft and target sharing
-one GPU, where NCCL refuses two ranks on one device). Rank 0 is the target, rank 1 the draft.
+``init_transport(addr, port, rank, world_size)``; the actors then form two process groups over one
+store, one per direction ("down": to higher ranks, also the TP collectives; "up": to lower ranks),
+and exchange a handshake token so NCCL's pair communicators exist before any step (NCCL when
+every rank has its own GPU, gloo otherwise — CPU tests, or draft and target sharing one GPU,
+where NCCL refuses two ranks on one device). Rank 0 is the target, rank 1 the draft.
 
 Groups are explicit ``ProcessGroup`` objects (``make_process_group``), never the process-wide
 default group: one process can be in several groups at once (the draft link and a target
