@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -60,6 +61,13 @@ SHAPES = {
                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
                          rms_norm_eps=1e-5, tie_word_embeddings=True,
                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192}),
+    # meta-llama/Llama-3.1-8B
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                           "original_max_position_embeddings": 8192}),
     # a dry-run shape for CPU
@@ -142,6 +150,10 @@ def bench_model(name: str, args, bandwidth: float) -> dict:
     kv_buckets = tuple(args.kv_buckets) if args.kv_buckets else None
     runner = GraphRunner(model, cache, mode="graph" if device == "cuda" else "padded", kv_buckets=kv_buckets,
                          max_kv=max(1024, context * 2))
+    # --compile: a second runner whose graphs are captured with the layers' element-wise chains fused
+    # by torch.compile (actors.model.fused); same model, weights and cache
+    fused_runner = (GraphRunner(model, cache, mode="graph" if device == "cuda" else "padded",
+                                kv_buckets=kv_buckets, max_kv=max(1024, context * 2)) if args.compile else None)
     # Every sequence holds ``context`` committed entries of random KV (a prefill's content does not
     # change a decode step's cost).
     for r in range(max_batch):
@@ -159,7 +171,8 @@ def bench_model(name: str, args, bandwidth: float) -> dict:
             ids = torch.randint(vocab, (b, q), generator=torch.Generator().manual_seed(b * 10 + q)).tolist()
             steps = [SeqStep(r, ids[r], logits=logits) for r in range(b)]
             try:
-                rows.append(bench_scenario(label, model, cache, runner, steps, args, weight_bytes, bandwidth))
+                rows.append(bench_scenario(label, model, cache, runner, steps, args, weight_bytes, bandwidth,
+                                           fused_runner))
             except Exception as exc:  # keep the other rows; the error is in the JSON
                 import traceback
 
@@ -173,15 +186,24 @@ def bench_model(name: str, args, bandwidth: float) -> dict:
                   f"{r['graph_step']['median_ms']:7.3f} ms  (device {r['eager_device']['median_ms']:.3f} / "
                   f"{r['graph_device']['median_ms']:.3f} ms, floor {r['floor_ms']:.3f} ms, argmax agree "
                   f"{r['argmax_agree']}/{r['logit_rows']})", flush=True)
-    profile = None
+            if "fused_step" in r:
+                print(f"  {'':>13} {'':>10}       fused graph {r['fused_step']['median_ms']:7.3f} ms (device "
+                      f"{r['fused_device']['median_ms']:.3f} ms, {r['fused_speedup_over_graph']:.2f}× the graph "
+                      f"step; first step incl. compile {r['first_fused_step_incl_compile_s']:.1f} s, argmax agree "
+                      f"{r['fused_argmax_agree']}/{r['logit_rows']})", flush=True)
+    profile = fused_profile = None
     if device == "cuda" and args.profile:
         try:
             profile = kernel_profile(model, cache, runner, vocab)
+            if args.compile:
+                with fused_kernels(model):
+                    fused_profile = kernel_profile(model, cache, runner, vocab)
         except Exception as exc:  # the profile is diagnostic only
             profile = {"error": repr(exc)}
             print(f"    kernel profile failed: {exc!r}")
     return {
-        "kernel_profile": profile,
+        "kernel_profile": profile, "kernel_profile_fused": fused_profile,
+        "fused_runner_stats": None if fused_runner is None else fused_runner.stats,
         "model": name, "config": SHAPES[name], "params": sum(p.numel() for p in model.parameters()),
         "weight_bytes_read_per_step": weight_bytes, "kv_bytes_per_token": model.kv_bytes_per_token,
         "context": context, "write_checkpoint_s": t_write, "load_s": t_load, "runner_stats": runner.stats,
@@ -217,7 +239,18 @@ def kernel_profile(model, cache, runner, vocab: int) -> dict:
             "kernel_time_ms": total_us / 1e3, "top": rows[:40]}
 
 
-def bench_scenario(label, model, cache, runner, steps, args, weight_bytes, bandwidth) -> dict:
+@contextmanager
+def fused_kernels(model):
+    """The model's element-wise chains through torch.compile while inside (actors.model.fused)."""
+    previous = model.kernels
+    model.use_compiled(True)
+    try:
+        yield
+    finally:
+        model.kernels = previous
+
+
+def bench_scenario(label, model, cache, runner, steps, args, weight_bytes, bandwidth, fused_runner=None) -> dict:
     device = args.device
     req_ids = [s.req_id for s in steps]
 
@@ -254,12 +287,36 @@ def bench_scenario(label, model, cache, runner, steps, args, weight_bytes, bandw
     agree = int((eager_logits.argmax(-1) == graph_logits.argmax(-1)).sum())
     max_diff = float((eager_logits - graph_logits).abs().max())
 
+    def fused_step():
+        with fused_kernels(model):  # only the first call per bucket (compile + capture) needs it
+            t0 = time.perf_counter()
+            batch = fused_runner.build(steps)
+            t1 = time.perf_counter()
+            fused_runner.forward(batch).argmax(-1).cpu()
+        rollback()
+        return t1 - t0
+
+    fused = {}
+    if fused_runner is not None:  # correctness and compile + capture time of the fused graph
+        t_comp = time.perf_counter()
+        with fused_kernels(model):
+            fused_logits = fused_runner.forward(fused_runner.build(steps)).float()
+        _sync(device)
+        fused["first_fused_step_incl_compile_s"] = time.perf_counter() - t_comp
+        rollback()
+        fused["fused_argmax_agree"] = int((fused_logits.argmax(-1) == graph_logits.argmax(-1)).sum())
+        fused["fused_max_abs_logit_diff"] = float((fused_logits - graph_logits).abs().max())
+
     eager_times, graph_times, eager_build, graph_build = [], [], [], []
-    for fn in (eager_step, graph_step):
+    fused_times, fused_build = [], []
+    modes = [(eager_step, eager_times, eager_build), (graph_step, graph_times, graph_build)]
+    if fused_runner is not None:
+        modes.append((fused_step, fused_times, fused_build))
+    for fn, _, _ in modes:
         for _ in range(args.warmup):
             fn()
     for _ in range(args.rounds):
-        for fn, times, builds in ((eager_step, eager_times, eager_build), (graph_step, graph_times, graph_build)):
+        for fn, times, builds in modes:
             for _ in range(args.steps):
                 _sync(device)
                 t0 = time.perf_counter()
@@ -276,6 +333,12 @@ def bench_scenario(label, model, cache, runner, steps, args, weight_bytes, bandw
     for _ in range(args.rounds):
         graph_dev.append(_device_time(lambda: runner.forward(gbatch), device, args.device_iters))
     rollback()
+    fused_dev = []
+    if fused_runner is not None:
+        fbatch = fused_runner.build(steps)
+        for _ in range(args.rounds):
+            fused_dev.append(_device_time(lambda: fused_runner.forward(fbatch), device, args.device_iters))
+        rollback()
 
     b, q = len(steps), len(steps[0].token_ids)
     kv_entries = sum(cache.seq_len(r) + q for r in req_ids)
@@ -292,9 +355,16 @@ def bench_scenario(label, model, cache, runner, steps, args, weight_bytes, bandw
         "bytes_per_step": step_bytes, "floor_ms": floor_ms,
         "argmax_agree": agree, "max_abs_logit_diff": max_diff,
     }
-    for key in ("eager_step", "graph_step", "eager_device", "graph_device"):
+    keys = ["eager_step", "graph_step", "eager_device", "graph_device"]
+    if fused_runner is not None:
+        out.update(fused, fused_step=_stats(fused_times), fused_device=_stats(fused_dev),
+                   fused_build=_stats(fused_build))
+        keys += ["fused_step", "fused_device"]
+    for key in keys:
         out[key]["fraction_of_floor"] = floor_ms / out[key]["median_ms"]
     out["speedup_step"] = out["eager_step"]["median_ms"] / out["graph_step"]["median_ms"]
+    if fused_runner is not None:
+        out["fused_speedup_over_graph"] = out["graph_step"]["median_ms"] / out["fused_step"]["median_ms"]
     return out
 
 
@@ -348,8 +418,26 @@ def markdown(r: dict) -> str:
                 f"{s['floor_ms']:.3f} | "
                 f"{s['graph_step']['fraction_of_floor']:.0%} | {s['graph_device']['fraction_of_floor']:.0%} | "
                 f"{s['argmax_agree']}/{s['logit_rows']} |")
+    fused_rows = [(m, s) for m in r["models"] for s in m["scenarios"] if "fused_step" in s]
+    if fused_rows:
+        lines += ["", "**fused**: the same graphed step with each layer's element-wise chains fused by "
+                  "`torch.compile` (`actors.model.fused`), captured by a second runner; same rounds.", "",
+                  "| model | scenario | B | graph step ms | fused step ms | fused ÷ graph | graph device ms | "
+                  "fused device ms | fused device of floor | compile + capture s | argmax agree (fused vs graph) |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for m, s in fused_rows:
+            lines.append(
+                f"| {m['model']} | {s['scenario']} | {s['batch']} | {s['graph_step']['median_ms']:.3f} | "
+                f"{s['fused_step']['median_ms']:.3f} | {1 / s['fused_speedup_over_graph']:.2f} | "
+                f"{s['graph_device']['median_ms']:.3f} | {s['fused_device']['median_ms']:.3f} | "
+                f"{s['fused_device']['fraction_of_floor']:.0%} | {s['first_fused_step_incl_compile_s']:.1f} | "
+                f"{s['fused_argmax_agree']}/{s['logit_rows']} |")
     lines.append("")
     for m in r["models"]:
+        kf = m.get("kernel_profile_fused")
+        if kf and "error" not in kf:
+            lines.append(f"- {m['model']} fused: a batch-1 decode step runs {kf['kernels_per_step']} kernels "
+                         f"({kf['kernels_per_layer']:.1f} per layer), {kf['kernel_time_ms']:.3f} ms of kernel time.")
         kp = m.get("kernel_profile")
         kp = kp if kp and "error" not in kp else None
         prof = (f" A batch-1 decode step runs {kp['kernels_per_step']} kernels ({kp['kernels_per_layer']:.1f} per "
@@ -375,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the per-kernel profile of a batch-1 decode step")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the graphed step with the layers' element-wise chains fused by torch.compile")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]

@@ -336,3 +336,30 @@ def test_graph_speculative_loop_equals_target_only(cuda_model):
     params = SamplingParams(max_tokens=16)
     reference = [r.token_ids for r in generate(cuda_model, prompts, params)]
     assert _runner_generate(cuda_model, prompts, params, mode="graph") == reference
+
+
+@cuda
+def test_graph_captures_fused_layers(cuda_model):
+    """Graphs captured with the layers' element-wise chains compiled (torch.compile compiles in the
+    runner's warm-up, before capture) replay the eager model's logits."""
+    model = cuda_model
+    cache = model.make_kv_cache(1 << 22)
+    for r in range(2):
+        cache.add_sequence(r)
+        cache.append(r, 6)
+        cache.commit(r)
+    steps = [SeqStep(r, [3 + r, 9]) for r in range(2)]
+    want = model.forward(StepBatch.build(cache, steps), cache)
+    for r in range(2):
+        cache.commit(r, [])
+    runner = GraphRunner(model, cache)
+    model.use_compiled(True)
+    try:
+        for _ in range(2):  # capture, then replay
+            got = runner.forward(runner.build(steps))
+            for r in range(2):
+                cache.commit(r, [])
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    finally:
+        model.use_compiled(False)
+    assert runner.stats["captures"] >= 1 and runner.stats["graph_steps"] == 2

@@ -29,7 +29,9 @@ from torch import nn
 
 from actors.kv_cache import PagedKVCache
 from actors.model.attention import attention_bias, paged_attention
+from actors.model import fused
 from actors.model.config import ModelConfig
+from actors.model.fused import rms_norm
 from actors.model.rope import RotaryEmbedding
 from actors.model.tensor_parallel import TensorParallel
 from actors.step_batch import StepBatch
@@ -39,11 +41,6 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [T, H], weight [H] -> [T, H]; normalised in fp32, weight applied in x's dtype (as HF)."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
-    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -97,6 +94,7 @@ class LlamaModel(nn.Module):
         else:
             self.lm_head = None
         self.rope = RotaryEmbedding(config, dtype=dtype, device=self.device) if end > first else None
+        self.kernels = fused.EAGER  # the layers' element-wise chains: eager, or fused (use_compiled)
 
     # ----------------------------------------------------------------- pieces
     @property
@@ -132,15 +130,15 @@ class LlamaModel(nn.Module):
         cfg, tp, w = self.config, self.tp, self._layer(layer)  # tp: this rank's head counts
         cos, sin = cos_sin if cos_sin is not None else self.rope.cos_sin(batch.positions)
         num_tokens = hidden.shape[0]
-        x = rms_norm(hidden, w.input_norm, cfg.rms_norm_eps)
-        qkv = F.linear(x, w.w_qkv, w.b_qkv)  # [T, (Hq + 2 Hkv) D]
-        qk = qkv[:, : tp.q_size + tp.kv_size].view(num_tokens, tp.num_heads + tp.num_kv_heads, cfg.head_dim)
-        qk = RotaryEmbedding.apply(qk, cos, sin)  # [T, Hq + Hkv, D]
-        q, k = qk[:, : tp.num_heads], qk[:, tp.num_heads :]
-        v = qkv[:, tp.q_size + tp.kv_size :].view(num_tokens, tp.num_kv_heads, cfg.head_dim)
+        kernels = self.kernels if not tp.enabled else fused.EAGER
+        q, k, v = kernels.qkv_rope(hidden, w.input_norm, w.w_qkv, w.b_qkv, cos, sin, cfg.rms_norm_eps,
+                                   tp.num_heads, tp.num_kv_heads, cfg.head_dim)
         k_cache, v_cache = cache.layer_kv(layer - self.first_layer)
         attn = paged_attention(q, k, v, k_cache, v_cache, batch, attn_bias)  # [T, Hq, D]
-        return hidden + self._row_parallel(attn.reshape(num_tokens, tp.q_size), w.w_o, w.b_o)
+        attn = attn.reshape(num_tokens, tp.q_size)
+        if not tp.enabled:
+            return kernels.attention_out(hidden, attn, w.w_o, w.b_o)
+        return hidden + self._row_parallel(attn, w.w_o, w.b_o)
 
     def attention_bias(self, batch: StepBatch) -> torch.Tensor:
         """The step's attention mask as the additive bias every layer shares (see attention.py)."""
@@ -149,6 +147,9 @@ class LlamaModel(nn.Module):
     def ffn_half(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] -> [T, H]."""
         cfg, w = self.config, self._layer(layer)
+        if not self.tp.enabled:
+            return self.kernels.ffn(hidden, w.post_norm, w.w_gate_up, w.b_gate_up, w.w_down, w.b_down,
+                                    cfg.rms_norm_eps)
         x = rms_norm(hidden, w.post_norm, cfg.rms_norm_eps)
         gate_up = F.linear(x, w.w_gate_up, w.b_gate_up)  # [T, 2 I]
         gate, up = gate_up.chunk(2, dim=-1)
@@ -199,6 +200,11 @@ class LlamaModel(nn.Module):
         return self.head(hidden.index_select(0, batch.logits_index))
 
     # ----------------------------------------------------------------- helpers
+    def use_compiled(self, enabled: bool = True) -> None:
+        """Run the layers' element-wise chains fused by ``torch.compile`` (``actors.model.fused``),
+        or eagerly again. Steps captured in CUDA graphs keep the kernels they were captured with."""
+        self.kernels = fused.compiled() if enabled else fused.EAGER
+
     def make_kv_cache(self, budget_bytes: int, block_size: int = 16) -> PagedKVCache:
         """A paged KV cache for the held layers, in this model's dtype and device."""
         if self.num_held_layers == 0:
@@ -229,6 +235,7 @@ class LlamaModel(nn.Module):
         draft.layers = nn.ModuleList(self.layers[:num_layers])
         draft.embed_tokens, draft.final_norm, draft.lm_head = self.embed_tokens, self.final_norm, self.lm_head
         draft.rope = self.rope
+        draft.kernels = self.kernels
         return draft
 
     # ----------------------------------------------------------------- loading
