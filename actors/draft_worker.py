@@ -115,6 +115,7 @@ class DraftWorker:
         overlap: bool = False,
         pre_verify: bool = False,
         oracle_continuations: list | None = None,
+        fused_kernels: bool = False,
     ) -> None:
         from actors.model.loader import load_config
         from actors.model.sources import resolve_model_path
@@ -130,6 +131,8 @@ class DraftWorker:
         kind, value = parse_draft_spec(draft_spec)
         model = load_draft_model(value[1] if kind == "oracle" else draft_spec, target_path, dtype=dtype,
                                  device=self.device)
+        if fused_kernels:
+            model.use_compiled(True)
         self.proposer = DraftModelProposer(
             model, target_vocab_size=target_vocab,
             kv_budget_bytes=kv_budget_tokens * model.kv_bytes_per_token, block_size=block_size,

@@ -77,6 +77,7 @@ class TargetWorker:
         device: torch.device | str | None = None,
         tp_rank: int = 0,
         tp_size: int = 1,
+        fused_kernels: bool = False,
     ) -> None:
         from actors.model.sources import resolve_model_path
 
@@ -88,6 +89,7 @@ class TargetWorker:
         self.kv_budget_tokens, self.block_size = kv_budget_tokens, block_size
         self.device = torch.device(device) if device is not None else pick_device()
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.fused_kernels = fused_kernels
         self.model = self.cache = None
         self.link: Transport | None = None  # to the draft (leader only)
         self.tp: Transport | None = None  # tensor-parallel group
@@ -102,6 +104,8 @@ class TargetWorker:
 
         kwargs = {} if self.tp_size == 1 else {"tp_rank": self.tp_rank, "tp_size": self.tp_size, "tp_group": tp_group}
         self.model = load_model(self.model_path, dtype=self.dtype, device=self.device, **kwargs)
+        if self.fused_kernels:
+            self.model.use_compiled(True)  # no effect under tensor parallelism (its layers stay eager)
         self.cache = self.model.make_kv_cache(self.kv_budget_tokens * self.model.kv_bytes_per_token,
                                               block_size=self.block_size)
         from actors.model.graph_runner import GraphRunner

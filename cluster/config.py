@@ -153,6 +153,9 @@ class ClusterConfig(BaseModel):
     oracle_continuations: str | None = Field(
         None, description="With draft oracle:ALPHA:DRAFT (benchmarks): JSON of the target's recorded greedy outputs.")
 
+    fused_kernels: bool = Field(
+        False, description="Fuse each layer's element-wise chains with torch.compile in the workers (experimental: "
+        "compiled at each bucket's first step, captured in the CUDA graphs; not under tensor parallelism).")
     step_transport: Literal["socket", "ray"] = Field(
         "socket", description="How the engine calls the target each step: socket (a direct connection to each "
                               "rank, no Ray task per step) or ray (an actor call per step).")

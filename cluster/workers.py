@@ -99,7 +99,8 @@ class WorkerSet:
         cfg = self.config
         self.plan = plan_when_placeable(cfg)
         self.placed = create_placement_groups(self.plan, timeout_s=cfg.start_timeout_s)
-        common = {"dtype": cfg.torch_dtype(), "kv_budget_tokens": cfg.kv_budget_tokens, "block_size": cfg.block_size}
+        common = {"dtype": cfg.torch_dtype(), "kv_budget_tokens": cfg.kv_budget_tokens, "block_size": cfg.block_size,
+                  "fused_kernels": cfg.fused_kernels}
         restarts = {"max_restarts": cfg.max_worker_restarts, "max_task_retries": 0}
         self.targets = [
             ray.remote(TargetWorker).options(**self.placed.actor_options(0, TARGET, rank), **restarts).remote(

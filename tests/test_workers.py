@@ -76,3 +76,16 @@ def test_draft_catch_up_length_counts_what_the_next_proposal_prefills(tmp_path):
     proposer.propose([ProposeRequest(1, tokens, SamplingParams())], TreeShape.chain(2))
     assert proposer.catch_up_length(1, tokens + [10, 11]) == 2  # the last token is always re-fed
     assert proposer.catch_up_length(1, [5, 6, 99, 8, 9, 10]) == 4  # diverged after two tokens
+
+
+def test_workers_fuse_their_layers_when_asked(tmp_path):
+    """``fused_kernels`` reaches both workers' models (compiled lazily at their first step)."""
+    from actors.draft_worker import DraftWorker
+    from actors.model import fused
+    from actors.target_worker import TargetWorker
+
+    path = write_tiny_checkpoint(tmp_path / "ckpt", arch="llama", num_layers=2, with_tokenizer=False)
+    assert TargetWorker(str(path), fused_kernels=True).model.kernels is fused.compiled()
+    assert TargetWorker(str(path)).model.kernels is fused.EAGER
+    draft = DraftWorker("self:1", str(path), num_draft_tokens=2, fused_kernels=True)
+    assert draft.proposer.model.kernels is fused.compiled()

@@ -315,6 +315,7 @@ def build_proposer(
         draft = target_model.truncated(value)
     else:
         draft = load_model(value, dtype=dtype or target_model.dtype, device=device)
+        draft.kernels = getattr(target_model, "kernels", draft.kernels)  # eager or fused, as the target
         if target_path is not None:
             ensure_same_tokenizer(load_tokenizer(target_path), load_tokenizer(value))
     return DraftModelProposer(

@@ -30,6 +30,7 @@ class BenchConfig:
     num_draft_tokens: int = 4
     adaptive: str = "off"  # cluster speculation length: off (fixed k) | on | both
     step_transport: str = "socket"  # how the cluster rows' engine calls its workers: socket | ray | both
+    fused_kernels: bool = False  # layers' element-wise chains fused by torch.compile (ours and cluster rows)
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
     max_tokens: int = 64
     max_prompt_tokens: int = 512

@@ -309,6 +309,8 @@ class BenchRun:
         path, label, is_shape = self.resolve(source)
         _log(f"model {label}: {path}")
         target = load_model(path, dtype=self.dtype, device=self.device)
+        if cfg.fused_kernels:
+            target.use_compiled(True)  # self:N drafts (truncated) share it
         tokenizer, tokenizer_from = None, None
         for candidate in (path, cfg.tokenizer):
             if candidate is None:
@@ -728,7 +730,8 @@ class BenchRun:
                           "adaptive": bool(adaptive), "dtype": str(self.dtype).removeprefix("torch."),
                           "kv_budget_tokens": kv_tokens, "max_running": cmax, "max_waiting": max(256, 4 * cmax),
                           "cpus_per_worker": cfg.cpus_per_worker, "num_gpus": cfg.num_gpus,
-                          "step_timeout_s": 120.0, "start_timeout_s": 300.0, "step_transport": transport, **layout}
+                          "step_timeout_s": 120.0, "start_timeout_s": 300.0, "step_transport": transport,
+                          "fused_kernels": cfg.fused_kernels, **layout}
                 if uses_draft and oracle_file is not None:
                     fields["oracle_continuations"] = str(oracle_file)
                 if uses_draft and cost_table is not None:
