@@ -23,7 +23,13 @@ One call per engine step, ``step(step_id, new, drafts, num_token_msgs, free_ids)
    ``pre_verify`` is set (the target checks it while the rest is speculated), else of the full
    length. A miss costs the speculation's time before the fresh draft can start, so a request
    is speculated for only while its recent hit rate is at least ``MIN_HIT_RATE`` (probing every
-   ``PROBE_EVERY`` steps otherwise).
+   ``PROBE_EVERY`` steps otherwise). The speculation is bounded by the time it can hide in: with
+   the engine's estimate of the target's verify time ``verify_s`` and this worker's measured time
+   per draft level, it drafts at most ``speculation_depth(...)`` levels (the bonus guess and the
+   first tokens of the next chain), so a miss never waits for it; a hit then extends the chain to
+   the k asked for (one catch-up forward, then the remaining levels). With a draft fast enough to
+   draft k + 1 levels in one verify this is PEARL unchanged; with a slow one, a hit still saves
+   the pre-drafted levels and a miss costs what taking turns costs.
 
 Invariants: a request's token list here equals the control plane's (prompt + every emitted
 token) whenever it is drafted for; tokens for requests already freed are ignored; every
@@ -92,6 +98,26 @@ def _check_tokenizers(target_path: str, draft_path: str) -> None:
 
 HIT_PRIOR, HIT_DECAY = 0.5, 0.7  # overlap hit-rate estimate per request (EMA)
 MIN_HIT_RATE, PROBE_EVERY = 0.25, 8  # below the rate, speculate only every PROBE_EVERY-th step
+LEVEL_DECAY = 0.8  # EMA of the measured seconds per speculated draft level
+
+
+def speculation_depth(wanted: int, verify_s: float | None, level_s: float | None) -> int:
+    """Levels to speculate (bonus guess + next chain) while the target verifies: all ``wanted``
+    when either time is unknown or they fit, else as many as fit in ``verify_s`` (at least 2:
+    the bonus and one token, less would pre-draft nothing)."""
+    if not verify_s or not level_s or level_s <= 0:
+        return wanted
+    return max(2, min(wanted, int(verify_s / level_s)))
+
+
+def chain_concat(first: Proposal, rest: Proposal) -> Proposal:
+    """One chain: ``first``'s tokens, then ``rest``'s (drafted after them); draft probabilities
+    stay with their tokens (None when either part is greedy)."""
+    ids = torch.cat([first.token_ids.reshape(-1), rest.token_ids.reshape(-1)])
+    probs = None
+    if first.draft_probs is not None and rest.draft_probs is not None:
+        probs = torch.cat([first.draft_probs, rest.draft_probs])
+    return Proposal.chain(ids, probs)
 
 
 def chain_slice(proposal: Proposal, start: int, count: int) -> Proposal:
@@ -151,6 +177,8 @@ class DraftWorker:
         self._params: dict[int, SamplingParams] = {}
         # req -> ((base length, assumed tokens after it), next chain)
         self._speculation: dict[int, tuple[tuple[int, list[int]], Proposal]] = {}
+        self._level_s: float | None = None  # measured seconds per speculated draft level (EMA)
+        self._verify_s: float | None = None  # the engine's estimate of the target's verify time
         self._hit_rate: dict[int, float] = {}  # per request, recent share of speculations used
         self._since_probe: dict[int, int] = {}
         self._to_speculate: set[int] = set()
@@ -183,8 +211,10 @@ class DraftWorker:
     # ----------------------------------------------------------------- the step
     @_locked
     def step(self, step_id: int, new: list[tuple[int, list[int], SamplingParams]], drafts: dict[int, int],
-             num_token_msgs: int, free_ids: list[int]) -> dict:
-        """Run one engine step -> timings and overlap hit counts."""
+             num_token_msgs: int, free_ids: list[int], verify_s: float | None = None) -> dict:
+        """Run one engine step -> timings and overlap hit counts. ``verify_s``: the engine's estimate
+        of the target's verify time, which bounds the speculation (None: unbounded)."""
+        self._verify_s = verify_s
         for req_id in free_ids:
             self._forget(req_id)
         # the target's tokens messages first, then the engine's entries: a new request, or the
@@ -203,7 +233,7 @@ class DraftWorker:
         long_catch_up = any(self.proposer.catch_up_length(r, self._tokens[r]) > 2 * self.max_draft_tokens + 2
                             for r in ids)
         t0, captures = time.perf_counter(), self._captures()
-        proposals, hits = self._proposals(ids, drafts)
+        proposals, hits, extended = self._proposals(ids, drafts)
         if ids:
             self.link.send(pack_proposals(ids, [proposals[r] for r in ids]), TARGET_RANK)
         t1 = time.perf_counter()
@@ -213,7 +243,7 @@ class DraftWorker:
         t2 = time.perf_counter()
         return {"step": step_id, "num_proposed": sum(len(p) for p in proposals.values()), "batch": len(ids),
                 "levels": max((len(p) for p in proposals.values()), default=0),
-                "hits": hits, "misses": (len(ids) - hits) if self.overlap else 0,
+                "hits": hits, "misses": (len(ids) - hits) if self.overlap else 0, "extended": extended,
                 "propose_s": 0.0 if captured else t1 - t0, "speculate_s": t2 - t1}
 
     @_locked
@@ -246,10 +276,11 @@ class DraftWorker:
         self._hit_rate.pop(req_id, None)
         self._since_probe.pop(req_id, None)
 
-    def _proposals(self, ids: list[int], drafts: dict[int, int]) -> tuple[dict[int, Proposal], int]:
-        """Reuse speculations that hit; draft the rest fresh (batched by length). Decides which
-        requests are speculated for after this proposal (``self._to_speculate``)."""
-        out, fresh = {}, {}
+    def _proposals(self, ids: list[int], drafts: dict[int, int]) -> tuple[dict[int, Proposal], int, int]:
+        """Reuse speculations that hit (extended to the k asked for when the speculation was bounded);
+        draft the rest fresh (batched by length). Decides which requests are speculated for after
+        this proposal (``self._to_speculate``). Returns (proposals, hits, hits extended)."""
+        out, fresh, extend = {}, {}, {}
         self._to_speculate = set()
         for req_id in ids:
             k = min(drafts[req_id], self.max_draft_tokens)
@@ -266,6 +297,8 @@ class DraftWorker:
                 self._to_speculate.add(req_id)
             if hit:
                 out[req_id] = chain_slice(chain, 0, k)
+                if len(out[req_id]) < k:
+                    extend[req_id] = k - len(out[req_id])
             else:
                 fresh[req_id] = 1 if (speculate and self.pre_verify) else k
         by_length: dict[int, list[int]] = {}
@@ -275,7 +308,14 @@ class DraftWorker:
             requests = [ProposeRequest(r, self._tokens[r], self._params[r]) for r in group]
             for req_id, proposal in zip(group, self.proposer.propose(requests, TreeShape.chain(k))):
                 out[req_id] = proposal
-        return out, len(ids) - len(fresh)
+        by_rest: dict[int, list[int]] = {}
+        for req_id, rest in extend.items():
+            by_rest.setdefault(rest, []).append(req_id)
+        for rest, group in by_rest.items():  # after the pre-drafted tokens, in their context
+            requests = [ProposeRequest(r, self._tokens[r] + out[r].token_ids.tolist(), self._params[r]) for r in group]
+            for req_id, more in zip(group, self.proposer.propose(requests, TreeShape.chain(rest))):
+                out[req_id] = chain_concat(out[req_id], more)
+        return out, len(ids) - len(fresh), len(extend)
 
     def _worth_speculating(self, req_id: int) -> bool:
         """Speculate while this request's pre-drafted chains tend to be used; otherwise only probe
@@ -289,15 +329,24 @@ class DraftWorker:
         return False
 
     def _speculate(self, ids: list[int], proposals: dict[int, Proposal], drafts: dict[int, int]) -> None:
-        """Draft the bonus token and the next chain, assuming each proposal is accepted whole."""
+        """Draft the bonus token and the next chain, assuming each proposal is accepted whole: as
+        many levels as hide in the target's verify (``speculation_depth``)."""
         by_length: dict[int, list[int]] = {}
         for req_id in ids:
             if len(proposals[req_id]) > 0 and req_id in self._to_speculate:
-                by_length.setdefault(min(drafts[req_id], self.max_draft_tokens) + 1, []).append(req_id)
+                wanted = min(drafts[req_id], self.max_draft_tokens) + 1
+                depth = speculation_depth(wanted, self._verify_s, self._level_s)
+                by_length.setdefault(depth, []).append(req_id)
         for depth, group in by_length.items():
             assumed = {r: self._tokens[r] + proposals[r].token_ids.tolist() for r in group}
             requests = [ProposeRequest(r, assumed[r], self._params[r]) for r in group]
-            for req_id, chain in zip(group, self.proposer.propose(requests, TreeShape.chain(depth))):
+            t0, captures = time.perf_counter(), self._captures()
+            chains = self.proposer.propose(requests, TreeShape.chain(depth))
+            if self._captures() == captures:  # a graph capture is not a level time
+                level_s = (time.perf_counter() - t0) / depth
+                self._level_s = level_s if self._level_s is None else (
+                    LEVEL_DECAY * self._level_s + (1 - LEVEL_DECAY) * level_s)
+            for req_id, chain in zip(group, chains):
                 if len(chain) >= 2:
                     bonus = int(chain.token_ids[0])
                     base = len(self._tokens[req_id])

@@ -52,6 +52,7 @@ from cluster.workers import WorkerFailure, WorkerSet, check
 from placement.spec import DRAFT, TARGET
 
 log = logging.getLogger("outrider.engine")
+VERIFY_DECAY = 0.8  # EMA of the target's verify time, the draft's speculation budget
 
 Sink = Callable[[tuple], None]
 
@@ -119,6 +120,7 @@ class Engine:
         self._draft_up = workers.draft is not None
         self._draft_next_check = 0.0
         self._draft_backlog: list = []  # (req_id, tokens, params) to hand to a re-connected draft
+        self._verify_s: float | None = None  # EMA of the target's verify time on drafting steps
         self._draft_pending: list[ray.ObjectRef] = []  # draft step calls made through Ray
         self._draft_inflight = 0  # draft step replies not yet read from its step channel
         self._token_msgs = 0
@@ -251,7 +253,7 @@ class Engine:
             backlog, self._draft_backlog = self._draft_backlog, []
             draft_frees, self._draft_frees = self._draft_frees, []
             draft_args = (step_id, backlog + self._resync_stale() + new, {r: draft_ks[r] for r in draft_ids},
-                          self._token_msgs, draft_frees)
+                          self._token_msgs, draft_frees, self._speculation_budget())
         # the target sends this step's tokens to the draft only if the draft runs this step
         args = (step_id, new, [r.req_id for r in running], draft_ids, frees, draft_args is not None)
         channels = self.workers.channels
@@ -267,6 +269,9 @@ class Engine:
                 draft_ref = self._send_draft(draft_args)
         out = self._wait_channels(channels) if target_refs is None else self._wait_target(target_refs, draft_ref)
         elapsed = time.perf_counter() - t0
+        if draft_ids and out.get("forward_s"):  # the window an overlapping draft's speculation hides in
+            v = float(out["forward_s"])
+            self._verify_s = v if self._verify_s is None else VERIFY_DECAY * self._verify_s + (1 - VERIFY_DECAY) * v
         if self._draft_up:
             if out["draft_link"]:
                 if out.get("tokens_sent", True):
@@ -304,6 +309,10 @@ class Engine:
             else:
                 self._draft_done(ref)
         return ray.get(target_refs[0])
+
+    def _speculation_budget(self) -> float | None:
+        """Seconds an overlapping draft may speculate while the target verifies (None: unknown)."""
+        return self._verify_s
 
     def _resync_stale(self) -> list[tuple[int, list[int], SamplingParams]]:
         """Whole token lists of the running requests the draft missed tokens of (and forget the rest)."""

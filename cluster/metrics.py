@@ -128,6 +128,10 @@ class EngineMetrics:
             "outrider_overlap_speculations_total",
             "Overlap: chains pre-drafted during verification that were used (hit) or dropped (miss).",
             ["outcome"], registry=self.registry)
+        self.overlap_extended = Counter(
+            "outrider_overlap_extended_total",
+            "Overlap: hits whose pre-drafted chain was shorter than asked (bounded by the verify time) and "
+            "was extended after the hit.", registry=r)
         self.draft_up = Gauge("outrider_draft_worker_up", "1 while the draft worker serves, else 0.", registry=r)
         self.steps = Counter("outrider_engine_steps_total", "Engine steps.", registry=r)
 
@@ -169,6 +173,8 @@ class EngineMetrics:
         for key, outcome in (("hits", "hit"), ("misses", "miss")):
             if stats.get(key):
                 self.overlap_speculations.labels(outcome=outcome).inc(stats[key])
+        if stats.get("extended"):
+            self.overlap_extended.inc(stats["extended"])
 
     def on_step(self, decision=None, *, verify_s: float | None = None, draft_s: float | None = None,
                 outcomes: Iterable[tuple[int, int]] = (), step_s: float | None = None) -> None:

@@ -128,6 +128,27 @@ def test_oracle_draft_overlap_hits(ray_local, checkpoints, target_model, tmp_pat
         assert hits and hits > 0
 
 
+def test_bounded_overlap_extends_hits_and_stays_lossless(ray_local, checkpoints, target_model, tmp_path):
+    """A verify too short to hide k + 1 draft levels bounds the speculation to the bonus guess and
+    one token; a hit is then extended to the k asked for, and the output is the target's."""
+    import json
+
+    prompts = make_prompts()[:3]
+    params = [SamplingParams(max_tokens=50)] * 3
+    want = expected(target_model, prompts, params)
+    recorded = tmp_path / "continuations.json"
+    recorded.write_text(json.dumps([{"prompt": p, "output": o} for p, o in zip(prompts, want)]))
+    with Cluster.start(config(checkpoints[0], draft="oracle:0.9:self:1", num_draft_tokens=4, adaptive=False,
+                              oracle_continuations=str(recorded))) as cluster:
+        cluster.engine._speculation_budget = lambda: 1e-9  # every speculation: 2 levels
+        got = run_concurrently(cluster, prompts, params)
+        hits = cluster.engine.metrics.get("outrider_overlap_speculations_total", outcome="hit")
+        extended = cluster.engine.metrics.get("outrider_overlap_extended_total")
+    assert [o.token_ids for o in got] == want
+    assert all(o.stats["mean_accepted_length"] > 2.0 for o in got)
+    assert hits and hits > 0 and extended and extended > 0
+
+
 def test_idle_draft_catches_up_after_many_steps_without_drafting(ray_local, checkpoints, target_model):
     """With k = 0 chosen for every request the draft is not called each step; when drafting
     resumes mid-request it catches up with every token it missed, and output stays the target's."""

@@ -89,3 +89,17 @@ def test_workers_fuse_their_layers_when_asked(tmp_path):
     assert TargetWorker(str(path)).model.kernels is fused.EAGER
     draft = DraftWorker("self:1", str(path), num_draft_tokens=2, fused_kernels=True)
     assert draft.proposer.model.kernels is fused.compiled()
+
+
+def test_speculation_depth_fits_the_verify_and_chains_concatenate_with_their_probabilities():
+    from actors.draft_worker import chain_concat, speculation_depth
+    from actors.spec.types import Proposal
+
+    assert speculation_depth(5, None, 0.002) == 5 and speculation_depth(5, 0.01, None) == 5  # unknown: all
+    assert speculation_depth(5, 0.0095, 0.0024) == 3  # what fits in the verify
+    assert speculation_depth(5, 0.1, 0.001) == 5 and speculation_depth(5, 0.001, 0.01) == 2  # at most, at least
+    q1, q2 = torch.rand(2, 7), torch.rand(3, 7)
+    both = chain_concat(Proposal.chain([4, 5], q1), Proposal.chain([6, 1, 2], q2))
+    assert both.token_ids.tolist() == [4, 5, 6, 1, 2] and both.parents == (-1, 0, 1, 2, 3)
+    assert torch.equal(both.draft_probs, torch.cat([q1, q2]))
+    assert chain_concat(Proposal.chain([4]), Proposal.chain([6], q2[:1])).draft_probs is None
