@@ -43,7 +43,7 @@ import torch
 
 from actors.spec.sampling import make_generator
 from actors.spec.types import Proposal, SamplingParams
-from actors.spec.verify import verify
+from actors.spec.verify import verify_batch
 from actors.step_batch import SeqStep
 from actors.step_channel import locked as _locked
 from actors.transport import (
@@ -179,13 +179,14 @@ class TargetWorker:
         logits = self.runner.forward(batch)
         if self.tp_rank != LEADER:
             return self._follow(new, plan)
-        rows = batch.split_logits(logits)
+        ids = [r for r, _, _ in new] + [r for r, _ in plan]
+        verdicts = verify_batch([Proposal.empty()] * len(new) + [p for _, p in plan], logits, batch.logits_counts,
+                                [self._params[r] for r in ids], [self._generators[r] for r in ids])
         emitted, paths, stats = {}, {}, {}
-        for (req_id, _, params), row in zip(new, rows[: len(new)]):
-            emitted[req_id] = verify(Proposal.empty(), row, params, self._generators[req_id]).token_ids
+        for (req_id, _, _), verdict in zip(new, verdicts[: len(new)]):
+            emitted[req_id] = verdict.token_ids
             paths[req_id] = None
-        for (req_id, proposal), row in zip(plan, rows[len(new):]):
-            verdict = verify(proposal, row, self._params[req_id], self._generators[req_id])
+        for (req_id, proposal), verdict in zip(plan, verdicts[len(new):]):
             emitted[req_id] = verdict.token_ids
             paths[req_id] = [0, *(a + 1 for a in verdict.accepted)]
             stats[req_id] = {"num_accepted": verdict.num_accepted,

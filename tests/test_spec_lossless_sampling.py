@@ -7,7 +7,6 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-import actors.spec.reference as reference_loop
 from actors.model.loader import load_model
 from actors.spec.proposers import DraftModelProposer, TreeShape
 from actors.spec.reference import generate
@@ -112,7 +111,9 @@ def test_broken_verifier_fails_the_same_test(models, monkeypatch):
         bonus = int(torch.multinomial(probs[0], 1, generator=generator))
         return Verdict(list(range(len(proposal))), [*proposal.token_ids.tolist(), bonus])
 
-    monkeypatch.setattr(reference_loop, "verify", accept_everything)
+    import actors.spec.verify as verify_module
+
+    monkeypatch.setattr(verify_module, "verify", accept_everything)  # what verify_batch calls per sequence
     probs = exact_joint(target, params)
     counts, _ = sampled_joint(target, draft, params, shape)
     assert chi_square_pvalue(counts, probs) < 1e-8

@@ -205,3 +205,22 @@ def test_greedy_check_catches_broken_verifiers(broken):
     with pytest.raises(AssertionError):
         for branching in [(1, 1, 1), (2, 2), (3, 1, 1)]:
             assert_greedy_lossless(broken, branching)
+
+
+def test_verify_batch_equals_verifying_each_sequence():
+    """One step's rows verified together (one argmax read for the greedy ones) give what each
+    sequence's own verify gives, sampled sequences included (same generator state)."""
+    from actors.spec.verify import verify_batch
+
+    gen = torch.Generator().manual_seed(3)
+    proposals = [Proposal.chain([3, 1]), Proposal.empty(), Proposal(torch.tensor([2, 4, 4]), (-1, -1, 0)),
+                 Proposal.chain([0, 5, 6])]
+    counts = [len(p) + 1 for p in proposals]
+    logits = torch.randn(sum(counts), 8, generator=gen)
+    logits[0, 3] = logits[1, 1] = 50.0  # the first chain is accepted whole
+    params = [SamplingParams(), SamplingParams(), SamplingParams(), SamplingParams(temperature=0.9, seed=5)]
+    rows = torch.split(logits, counts)
+    want = [verify(p, r, sp, torch.Generator().manual_seed(9)) for p, r, sp in zip(proposals, rows, params)]
+    got = verify_batch(proposals, logits, counts, params, [torch.Generator().manual_seed(9) for _ in proposals])
+    assert [(v.accepted, v.token_ids) for v in got] == [(v.accepted, v.token_ids) for v in want]
+    assert got[0].accepted == [0, 1]

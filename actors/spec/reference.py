@@ -28,7 +28,7 @@ from actors.spec.proposers import ProposeRequest, Proposer, TreeShape
 from actors.spec.sampling import make_generator
 from actors.spec.sequence import GenerationResult, SequenceState
 from actors.spec.types import Proposal, SamplingParams
-from actors.spec.verify import verify
+from actors.spec.verify import verify_batch
 from actors.step_batch import SeqStep
 
 
@@ -85,10 +85,12 @@ def generate(
     # Prefill every prompt in one ragged step; the first token comes from the target alone.
     batch = runner.build([SeqStep(s.req_id, s.tokens, logits="last") for s in seqs])
     logits = runner.forward(batch)
-    for seq, row in zip(seqs, batch.split_logits(logits)):
+    verdicts = verify_batch([Proposal.empty()] * len(seqs), logits, batch.logits_counts, [s.params for s in seqs],
+                            [s.generator for s in seqs])
+    for seq, verdict in zip(seqs, verdicts):
         cache.commit(seq.req_id)
         seq.stats.target_forward_passes += 1
-        _emit(seq, verify(Proposal.empty(), row, seq.params, seq.generator).token_ids, on_tokens)
+        _emit(seq, verdict.token_ids, on_tokens)
 
     active = [s for s in seqs if s.finish_reason is None]
     while active:
@@ -98,9 +100,9 @@ def generate(
             for s, p in zip(active, proposals)
         ]
         batch = runner.build(steps)
-        rows = batch.split_logits(runner.forward(batch))
-        for seq, proposal, row in zip(active, proposals, rows):
-            verdict = verify(proposal, row, seq.params, seq.generator)
+        verdicts = verify_batch(proposals, runner.forward(batch), batch.logits_counts, [s.params for s in active],
+                                [s.generator for s in active])
+        for seq, proposal, verdict in zip(active, proposals, verdicts):
             cache.commit(seq.req_id, [0, *(a + 1 for a in verdict.accepted)])
             seq.stats.record(max(proposal.depths, default=-1) + 1, verdict.num_accepted)
             _emit(seq, verdict.token_ids, on_tokens)

@@ -23,6 +23,8 @@ children, False when it corrects a rejection).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from actors.spec.sampling import draw_one, processed_probs
@@ -34,10 +36,18 @@ def _check_rows(proposal: Proposal, rows: torch.Tensor) -> None:
         raise ValueError(f"expected [{len(proposal) + 1}, V] target rows, got {tuple(rows.shape)}")
 
 
-def verify_greedy(proposal: Proposal, target_logits: torch.Tensor) -> Verdict:
-    """Accept the longest path whose every token is the target's argmax at its parent."""
-    _check_rows(proposal, target_logits)
-    best = target_logits.argmax(dim=-1).tolist()  # best[i + 1]: target argmax after node i
+def verify_greedy(proposal: Proposal, target_logits: torch.Tensor | None = None, *,
+                  argmax: list[int] | None = None) -> Verdict:
+    """Accept the longest path whose every token is the target's argmax at its parent. ``argmax``:
+    the rows' argmax already on the host (a batch computes it once for all its requests, one
+    device->host read instead of one per request); else taken from ``target_logits``."""
+    if argmax is None:
+        _check_rows(proposal, target_logits)
+        best = target_logits.argmax(dim=-1).tolist()  # best[i + 1]: target argmax after node i
+    else:
+        if len(argmax) != len(proposal) + 1:
+            raise ValueError(f"expected {len(proposal) + 1} argmax rows, got {len(argmax)}")
+        best = argmax
     tokens = proposal.token_ids.tolist()
     children = proposal.children
     node, accepted, tried = -1, [], []
@@ -149,3 +159,21 @@ def verify(proposal: Proposal, target_logits: torch.Tensor, params: SamplingPara
     if len(proposal) == 0:
         target_logits = target_logits[:1]  # only row 0 is ever used
     return verify_stochastic(proposal, processed_probs(target_logits, params), generator)
+
+
+def verify_batch(proposals: Sequence[Proposal], logits: torch.Tensor, counts: Sequence[int],
+                 params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]) -> list[Verdict]:
+    """Verify every sequence of one step: ``logits`` [N, V] holds each sequence's rows in order
+    (``counts[i]`` of them). The argmax of the greedy sequences is taken for the whole step at once,
+    one device->host read instead of one per sequence; sampled sequences go through ``verify``."""
+    total = sum(counts)
+    rows = torch.split(logits[:total], list(counts))
+    flat = logits[:total].argmax(dim=-1).tolist() if any(p.greedy for p in params) else None
+    out, start = [], 0
+    for proposal, row, p, generator, n in zip(proposals, rows, params, generators, counts):
+        if p.greedy:
+            out.append(verify_greedy(proposal, argmax=flat[start:start + n]))
+        else:
+            out.append(verify(proposal, row, p, generator))
+        start += n
+    return out
