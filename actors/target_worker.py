@@ -118,7 +118,8 @@ class TargetWorker:
             return {"ready": False, "device": str(self.device), "tp_rank": self.tp_rank, "gpu_ids": assigned_gpu_ids(),
                     "node": node_id(), "pid": os.getpid()}
         cfg = self.model.config
-        return {"ready": True, "vocab_size": cfg.vocab_size, "max_context": cfg.max_context,
+        link_rtt = None if self.link is None else self.link.round_trip_s
+        return {"ready": True, "vocab_size": cfg.vocab_size, "max_context": cfg.max_context, "link_rtt_s": link_rtt,
                 "device": str(self.device), "tp_rank": self.tp_rank, "gpu_ids": assigned_gpu_ids(),
                 "node": node_id(), "pid": os.getpid(), "kv_capacity_tokens": self.cache.capacity_tokens}
 

@@ -48,6 +48,9 @@ _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.in
 _CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
 
 
+ROUND_TRIPS = 16  # timed at connect on a two-rank link
+
+
 class PeerLostError(RuntimeError):
     """The peer of a transport died or did not send within the deadline; the group is unusable."""
 
@@ -162,6 +165,25 @@ class Transport:
         self._wire_device = torch.device("cpu") if self.backend == "gloo" else self.device
         self._inflight: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
         self._handshake()
+        # a two-rank link (the draft link) also times a step's message round trip: the transfer
+        # cost per step of a multi-GPU layout, measured where it runs (rank 0 keeps the figure)
+        self.round_trip_s = self._time_round_trips() if world_size == 2 else None
+
+    def _time_round_trips(self, rounds: int = ROUND_TRIPS) -> float | None:
+        """Median seconds for one proposal-sized message there and back (rank 0; rank 1 echoes)."""
+        peer = 1 - self.rank
+        message = [torch.zeros(1, 3, dtype=torch.int64), torch.zeros(2, 4, dtype=torch.int64),
+                   torch.zeros(0, 0)]  # what pack_proposals gives for one request drafting 4 tokens
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            if self.rank == 0:
+                self.send(message, peer)
+                self.recv(peer)
+            else:
+                self.send(self.recv(peer), peer)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2] if self.rank == 0 else None
 
     def _group_for(self, peer: int):
         """The group a message between this rank and ``peer`` travels on (by its direction)."""

@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/run
 common=(--prompts /tmp/demo/specbench-dev.jsonl --tokenizer /tmp/demo/tokenizer --categories writing,summarization
         --max-tokens 48 --repetitions 3 --shape-dir /tmp/shapes --no-plots)
 stamp "layouts (8B target, 1B draft)"
-timeout 300 python3 -m cluster.cli bench "${common[@]}" --per-category 1 --concurrency 1,8 --time-limit-s 250 \
+timeout 300 python3 -m cluster.cli bench "${common[@]}" --per-category 1 --concurrency 1 --time-limit-s 250 --draft-link both \
   --model "shape:8B@oracle:0.8:shape:1B#ours-target-only,ours-spec,cluster-target-only,cluster-colocated-turns,cluster-colocated-overlap,cluster-separate-turns,cluster-separate-overlap" \
   --name layouts --out "$OUT/run/bench" 2> "$OUT/run/bench.log"
 grep -E "\->|rror|skip" "$OUT/run/bench.log" | tail -20; pack

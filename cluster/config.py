@@ -153,6 +153,9 @@ class ClusterConfig(BaseModel):
     oracle_continuations: str | None = Field(
         None, description="With draft oracle:ALPHA:DRAFT (benchmarks): JSON of the target's recorded greedy outputs.")
 
+    draft_link: Literal["auto", "gloo"] = Field(
+        "auto", description="Backend of the draft <-> target tensor link: auto = NCCL between two distinct GPUs, "
+        "gloo otherwise; gloo = always gloo (host copies over TCP), to compare the two.")
     fused_kernels: bool = Field(
         False, description="Fuse each layer's element-wise chains with torch.compile in the workers (experimental: "
         "compiled at each bucket's first step, captured in the CUDA graphs; not under tensor parallelism).")

@@ -134,7 +134,7 @@ class Engine:
         self.idle = threading.Event()  # set while nothing runs or waits (tests, graceful drain)
         self.idle.set()
         self._thread = threading.Thread(target=self._run, name="outrider-engine", daemon=True)
-        self.metrics.set_draft_up(self._draft_up)
+        self.metrics.set_draft_up(self._draft_up, self.workers.link_rtt_s)
 
     # ----------------------------------------------------------------- public, any thread
     def start(self) -> None:
@@ -530,7 +530,7 @@ class Engine:
             self._draft_backlog = [(r.req_id, list(r.state.tokens), r.state.params)
                                    for r in self._requests.values() if r.prefilled]
         self._draft_up = True
-        self.metrics.set_draft_up(True)
+        self.metrics.set_draft_up(True, self.workers.link_rtt_s)
         log.warning("draft back; speculation resumed for %d running requests", len(self._draft_backlog))
 
     def _on_target_failure(self, failure: WorkerFailure, affected: list[_Request]) -> None:

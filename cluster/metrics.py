@@ -133,6 +133,9 @@ class EngineMetrics:
             "Overlap: hits whose pre-drafted chain was shorter than asked (bounded by the verify time) and "
             "was extended after the hit.", registry=r)
         self.draft_up = Gauge("outrider_draft_worker_up", "1 while the draft worker serves, else 0.", registry=r)
+        self.draft_link_rtt = Gauge("outrider_draft_link_round_trip_seconds",
+                                    "Draft link: one proposal-sized message there and back, timed when it was formed.",
+                                    registry=r)
         self.steps = Counter("outrider_engine_steps_total", "Engine steps.", registry=r)
 
         for status in REQUEST_STATUSES:  # expose zeros, so rates exist before the first event
@@ -164,8 +167,10 @@ class EngineMetrics:
             raise ValueError(f"role must be one of {KV_ROLES}, got {role!r}")
         self.kv_usage.labels(role=role).set(min(1.0, max(0.0, fraction)))
 
-    def set_draft_up(self, up: bool) -> None:
+    def set_draft_up(self, up: bool, link_rtt_s: float | None = None) -> None:
         self.draft_up.set(1.0 if up else 0.0)
+        if up and link_rtt_s is not None:
+            self.draft_link_rtt.set(link_rtt_s)
 
     def on_draft_step(self, stats: dict) -> None:
         """One draft worker step: its reply (``propose_s``, ``speculate_s``, ``hits``, ``misses``)."""

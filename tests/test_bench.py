@@ -103,6 +103,7 @@ def test_every_scenario_kind(ray_local, checkpoint, tmp_path):
             assert row["reps"][0]["metrics"]["engine_steps"] > 0
             assert 0.0 <= row["control_plane_share"]["median"] <= 1.0
             assert row["gpus"] == (2 if "separate" in row["scenario"] else 1)
+            assert row["draft_link"] == "gloo" and row["draft_link_rtt_ms"] > 0  # CPU: gloo, timed at connect
     assert {(x["batch"], x["tokens_per_seq"]) for x in model["cost_curve"]} == {(b, n) for b in (1, 2) for n in (1, 2, 4)}
     assert model["draft_cost_curve"] and results["floor"]["copy"]["bytes_per_s"] > 0
     by_cat = next(r for r in rows if r["scenario"] == "ours-target-only" and r["concurrency"] == 1)["by_category"]
@@ -113,6 +114,7 @@ def test_every_scenario_kind(ray_local, checkpoint, tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| scenario | c | tok/s median (min–max)" in md and "emulated α = 0.9" in md
     assert "cluster-separate-overlap" in md and "Per Spec-Bench category" in md
+    assert "Draft link (timed at connect" in md
     for png in ("throughput.png", "cost_curve.png", "acceptance.png", "goodput.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG
     check_arrivals(model, md, ("cluster-colocated-turns", "cluster-separate-overlap"), (4.0, 400.0), 4)
@@ -287,3 +289,18 @@ def test_step_transport_both_gives_each_transport_its_own_baseline(ray_local, ch
     assert md.count("| 1.00× |") >= 2  # each transport's row is its own baseline
     with pytest.raises(ValueError, match="step_transport must be socket, ray or both"):
         tiny_config(checkpoint, tmp_path, step_transport="grpc").validate()
+
+
+def test_draft_link_both_runs_separate_rows_per_link(ray_local, checkpoint, tmp_path):
+    """--draft-link both: each separate-GPU row once with the automatic link and once forced to gloo
+    (both gloo on CPU), each reporting the link's measured round trip; other rows run once."""
+    results = run_bench(tiny_config(checkpoint, tmp_path, scenarios=["cluster-target-only", "cluster-separate-turns"],
+                                    cluster_draft="oracle:0.9:self:1", concurrency=[1], draft_link="both",
+                                    plots=False))
+    assert results["errors"] == []
+    rows = results["models"][0]["rows"]
+    assert sorted(r["scenario"] for r in rows) == ["cluster-separate-turns"] * 2 + ["cluster-target-only"]
+    assert all(r["greedy"]["mismatched_requests"] == 0 for r in rows)
+    assert all(r["draft_link_rtt_ms"] > 0 for r in rows if r["scenario"] == "cluster-separate-turns")
+    with pytest.raises(ValueError, match="draft_link must be auto, gloo or both"):
+        tiny_config(checkpoint, tmp_path, draft_link="tcp").validate()

@@ -20,6 +20,7 @@ NAMES = [
     "outrider_spec_expected_goodput_tokens_per_second", "outrider_spec_predicted_step_seconds",
     "outrider_spec_expected_tokens_per_step", "outrider_spec_decision_info", "outrider_verify_step_seconds",
     "outrider_draft_step_seconds", "outrider_draft_worker_up", "outrider_engine_steps_total",
+    "outrider_overlap_extended_total", "outrider_draft_link_round_trip_seconds",
 ]
 
 
@@ -62,8 +63,9 @@ def test_values_change():
     assert snap["outrider_requests_running"] == 5.0 and snap["outrider_requests_waiting"] == 2.0
     assert snap["outrider_kv_cache_usage_ratio"] == {"role=draft": 1.0, "role=target": 0.25}
     assert snap["outrider_draft_worker_up"] == 0.0
-    m.set_draft_up(True)
+    m.set_draft_up(True, link_rtt_s=0.0004)
     assert m.get("outrider_draft_worker_up") == 1.0
+    assert m.get("outrider_draft_link_round_trip_seconds") == pytest.approx(0.0004)
 
 
 def test_on_step_counts_tested_positions_only():

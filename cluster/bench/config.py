@@ -31,6 +31,7 @@ class BenchConfig:
     adaptive: str = "off"  # cluster speculation length: off (fixed k) | on | both
     step_transport: str = "socket"  # how the cluster rows' engine calls its workers: socket | ray | both
     fused_kernels: bool = False  # layers' element-wise chains fused by torch.compile (ours and cluster rows)
+    draft_link: str = "auto"  # separate-GPU rows' draft link: auto (NCCL between GPUs) | gloo | both
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
     max_tokens: int = 64
     max_prompt_tokens: int = 512
@@ -73,6 +74,8 @@ class BenchConfig:
             raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
         if self.adaptive not in ("off", "on", "both"):
             raise ValueError(f"adaptive must be off, on or both, got {self.adaptive!r}")
+        if self.draft_link not in ("auto", "gloo", "both"):
+            raise ValueError(f"draft_link must be auto, gloo or both, got {self.draft_link!r}")
         if self.step_transport not in ("socket", "ray", "both"):
             raise ValueError(f"step_transport must be socket, ray or both, got {self.step_transport!r}")
         for name, value in (("repetitions", self.repetitions), ("max_tokens", self.max_tokens),

@@ -82,6 +82,8 @@ def row_name(row: dict) -> str:
         name += " adaptive" if row["adaptive"] else " fixed-k"
     if row.get("step_transport") == "ray":
         name += " [Ray call per step]"
+    if row.get("draft_link") == "gloo" and row["scenario"].startswith("cluster-separate"):
+        name += " [gloo link]"
     if row.get("emulated_alpha") is not None:
         name += f" (emulated α = {row['emulated_alpha']:g})"
     return name
@@ -171,6 +173,13 @@ def markdown(r: dict) -> str:
                     f"{_greedy(row)} | {_f(row['control_plane_share']['median'], '{:.0%}')} | "
                     f"{_spread(row.get('ttft_p50_s'), '{:.1f}', 1e3)} | {_spread(row.get('tpot_p50_s'), '{:.1f}', 1e3)} | "
                     f"{row['gpus']} |")
+        links = {}
+        for row in rows:  # measured once per cluster start, so once per scenario
+            if row.get("draft_link_rtt_ms") is not None:
+                links.setdefault(row_name(row), (row.get("draft_link"), row["draft_link_rtt_ms"]))
+        if links:
+            lines += ["", "Draft link (timed at connect: one proposal-sized message there and back):", ""]
+            lines += [f"- {name}: {backend}, {rtt:.3f} ms" for name, (backend, rtt) in links.items()]
         cats = [row for row in rows if row.get("by_category")]
         base_row = next((x for x in rows if x["scenario"] == "ours-target-only" and x["concurrency"] == 1), None)
         if cats and base_row and base_row.get("by_category"):

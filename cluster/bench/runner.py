@@ -698,6 +698,7 @@ class BenchRun:
         kv_tokens = cmax * (longest + cfg.max_tokens + 4 * k + 64) + 256
         adaptive_modes = {"off": [False], "on": [True], "both": [False, True]}[cfg.adaptive]
         transports = {"socket": ["socket"], "ray": ["ray"], "both": ["ray", "socket"]}[cfg.step_transport]
+        links = {"auto": ["auto"], "gloo": ["gloo"], "both": ["auto", "gloo"]}[cfg.draft_link]
         cost_table = cfg.cluster_cost_table
         if cost_table == "measured":
             cost_table = model_rec.get("cost_table_file")
@@ -721,9 +722,12 @@ class BenchRun:
             if scenario.startswith("cluster-separate") and gpus < 2:
                 self._skip(f"{label} {scenario}", f"needs >= 2 GPUs, the Ray cluster has {gpus}")
                 continue
-            for transport, adaptive in itertools.product(transports, adaptive_modes if uses_draft else [None]):
+            row_links = links if scenario.startswith("cluster-separate") else ["auto"]
+            for transport, adaptive, link in itertools.product(transports, adaptive_modes if uses_draft else [None],
+                                                               row_links):
                 what = (f"{label} {scenario}" + ("" if adaptive is None else f" adaptive={'on' if adaptive else 'off'}")
-                        + (f" step_transport={transport}" if len(transports) > 1 else ""))
+                        + (f" step_transport={transport}" if len(transports) > 1 else "")
+                        + (f" draft_link={link}" if len(row_links) > 1 else ""))
                 if not self._time_ok(what):
                     continue
                 fields = {"target": str(path), "draft": draft if uses_draft else "none", "num_draft_tokens": k,
@@ -731,7 +735,7 @@ class BenchRun:
                           "kv_budget_tokens": kv_tokens, "max_running": cmax, "max_waiting": max(256, 4 * cmax),
                           "cpus_per_worker": cfg.cpus_per_worker, "num_gpus": cfg.num_gpus,
                           "step_timeout_s": 120.0, "start_timeout_s": 300.0, "step_transport": transport,
-                          "fused_kernels": cfg.fused_kernels, **layout}
+                          "fused_kernels": cfg.fused_kernels, "draft_link": link, **layout}
                 if uses_draft and oracle_file is not None:
                     fields["oracle_continuations"] = str(oracle_file)
                 if uses_draft and cost_table is not None:
@@ -755,7 +759,10 @@ class BenchRun:
                             self._add_row(model_rec, scenario, fields["draft"], k if uses_draft else 0, adaptive, c,
                                           meas, reqs, encoded,
                                           extra={"cluster_start_s": start_s, "placement": placement,
-                                                 "workers": devices, "step_transport": transport})
+                                                 "workers": devices, "step_transport": transport,
+                                                 "draft_link": cluster.workers.info.draft_link_backend,
+                                                 "draft_link_rtt_ms": None if cluster.workers.info.draft_link_rtt_s
+                                                 is None else 1e3 * cluster.workers.info.draft_link_rtt_s})
                         # open loop: Poisson (or bursty) arrivals per rate, on the same (warm) cluster
                         for rate in cfg.arrival_rates:
                             if not self._time_ok(f"{what} arrivals {rate:g}/s"):
