@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a 2-GPU host (nvidia-h200-x2), carry [".whl", ".demo"]: issue 3's measurement with
 # every layout in ONE bench process — the Llama-3.1-8B shape with an emulated alpha = 0.8 draft of
-# the Llama-3.2-1B shape, k = 4, batch 1 then 8: our reference loop, cluster target-only, colocated
-# taking turns / with overlap, the draft on the other GPU (NCCL link) taking turns / with overlap;
+# the Llama-3.2-1B shape, k = 4, batch 1: our reference loop, cluster target-only, colocated taking
+# turns / with overlap (bounded by the verify), the draft on the other GPU taking turns / with
+# overlap, each over NCCL and over gloo (--draft-link both; each link's round trip is reported);
 # then goodput-adaptive k on the 1B shape (measured cost table) at 1, 8 and 32 against target-only
 # (re-measures the arrival-deferral and off-decision fixes); then the 2-GPU CUDA tests.
 # About 9 minutes. Results: $OUT/results.tgz (bench/, adaptive/, logs).
