@@ -112,6 +112,7 @@ class StepChannelServer:
         self.host, self.port = host, self._listener.getsockname()[1]
         self._client: socket.socket | None = None
         self._closed = False
+        self._state = threading.Lock()  # _client and _closed change together (close vs a new client)
         threading.Thread(target=self._accept_loop, name="outrider-step-channel", daemon=True).start()
 
     def address(self) -> tuple[str, int, str]:
@@ -133,7 +134,11 @@ class StepChannelServer:
                 log.warning("step channel: refused a connection (%s)", exc)
                 conn.close()
                 continue
-            old, self._client = self._client, conn
+            with self._state:
+                if self._closed:  # closed while this client was handshaking: it is a lost peer
+                    _close(conn)
+                    return
+                old, self._client = self._client, conn
             if old is not None:
                 _close(old)  # its serving thread ends on the closed socket
             threading.Thread(target=self._serve, args=(conn,), name="outrider-step-call", daemon=True).start()
@@ -166,10 +171,12 @@ class StepChannelServer:
         _close(conn)
 
     def close(self) -> None:
-        self._closed = True
+        with self._state:
+            self._closed = True
+            client = self._client
         _close(self._listener)
-        if self._client is not None:
-            _close(self._client)
+        if client is not None:
+            _close(client)
 
 
 def _close(sock: socket.socket) -> None:

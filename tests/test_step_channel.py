@@ -94,6 +94,28 @@ def test_a_closed_server_is_a_lost_peer(served):
         ch.recv(5)
 
 
+def test_a_server_closed_during_the_handshake_is_a_lost_peer(served, monkeypatch):
+    """close() while the server still checks a new client's token: that client is dropped, not
+    served after the close (a race seen on a loaded 2-core CI machine)."""
+    import actors.step_channel as step_channel
+
+    w, server = served
+    checking, original = threading.Event(), step_channel._recv_token
+
+    def slow_token(conn, deadline):
+        checking.set()
+        time.sleep(0.3)  # close() lands here
+        return original(conn, deadline)
+
+    monkeypatch.setattr(step_channel, "_recv_token", slow_token)
+    ch = connect(server)
+    ch.send("slow")
+    assert checking.wait(5)
+    server.close()
+    with pytest.raises(PeerLostError):
+        ch.recv(5)
+
+
 def test_a_new_client_replaces_the_old_one(served):
     w, server = served
     old = connect(server)
