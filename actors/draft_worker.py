@@ -204,7 +204,8 @@ class DraftWorker:
             self.link.close()
         for req_id in list(self._tokens):
             self._forget(req_id)
-        self.link = Transport(addr, port, DRAFT_RANK, 2, self.device, backend=backend, timeout_s=timeout_s)
+        self.link = Transport(addr, port, DRAFT_RANK, 2, self.device, backend=backend, timeout_s=timeout_s,
+                              time_round_trips=True)
         self._token_msgs = 0
         return self.link.backend
 

@@ -118,8 +118,7 @@ class TargetWorker:
             return {"ready": False, "device": str(self.device), "tp_rank": self.tp_rank, "gpu_ids": assigned_gpu_ids(),
                     "node": node_id(), "pid": os.getpid()}
         cfg = self.model.config
-        link_rtt = None if self.link is None else self.link.round_trip_s
-        return {"ready": True, "vocab_size": cfg.vocab_size, "max_context": cfg.max_context, "link_rtt_s": link_rtt,
+        return {"ready": True, "vocab_size": cfg.vocab_size, "max_context": cfg.max_context,
                 "device": str(self.device), "tp_rank": self.tp_rank, "gpu_ids": assigned_gpu_ids(),
                 "node": node_id(), "pid": os.getpid(), "kv_capacity_tokens": self.cache.capacity_tokens}
 
@@ -143,11 +142,14 @@ class TargetWorker:
         return self._channel.address()
 
     @_locked
-    def connect_draft(self, addr: str, port: int, backend: str | None = None, timeout_s: float = 60.0) -> str:
-        """(Re)form the draft link as its rank 0; a previous link is dropped."""
+    def connect_draft(self, addr: str, port: int, backend: str | None = None,
+                      timeout_s: float = 60.0) -> tuple[str, float | None]:
+        """(Re)form the draft link as its rank 0; a previous link is dropped. Returns the backend
+        and the link's timed round trip (seconds)."""
         self.disconnect_draft()
-        self.link = Transport(addr, port, TARGET_RANK, 2, self.device, backend=backend, timeout_s=timeout_s)
-        return self.link.backend
+        self.link = Transport(addr, port, TARGET_RANK, 2, self.device, backend=backend, timeout_s=timeout_s,
+                              time_round_trips=True)
+        return self.link.backend, self.link.round_trip_s
 
     @_locked
     def disconnect_draft(self) -> None:

@@ -146,6 +146,7 @@ class Transport:
         *,
         backend: str | None = None,
         timeout_s: float = 120.0,
+        time_round_trips: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
@@ -160,14 +161,13 @@ class Transport:
                                         store=store, prefix="down")
         self.group_up = make_process_group(addr, port, rank, world_size, self.backend, self.device, timeout_s,
                                            store=store, prefix="up")
-        self._store = store
         # gloo moves CPU tensors; NCCL moves tensors on this rank's GPU
         self._wire_device = torch.device("cpu") if self.backend == "gloo" else self.device
         self._inflight: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
         self._handshake()
-        # a two-rank link (the draft link) also times a step's message round trip: the transfer
-        # cost per step of a multi-GPU layout, measured where it runs (rank 0 keeps the figure)
-        self.round_trip_s = self._time_round_trips() if world_size == 2 else None
+        # the draft link also times a step's message round trip: the transfer cost per step of a
+        # multi-GPU layout, measured where it runs (rank 0 keeps the figure; both ranks must ask)
+        self.round_trip_s = self._time_round_trips() if time_round_trips and world_size == 2 else None
 
     def _time_round_trips(self, rounds: int = ROUND_TRIPS) -> float | None:
         """Median seconds for one proposal-sized message there and back (rank 0; rank 1 echoes)."""

@@ -79,8 +79,6 @@ class WorkerInfo:
     draft_kv_tokens: int | None
     target_device: str
     draft_device: str | None
-    draft_link_backend: str | None = None  # nccl | gloo
-    draft_link_rtt_s: float | None = None  # one proposal-sized message there and back, timed at connect
 
 
 class WorkerSet:
@@ -90,8 +88,8 @@ class WorkerSet:
         self.targets: list = []
         self.draft = None
         self.info: WorkerInfo | None = None
-        self.link_backend: str | None = None
-        self.link_rtt_s: float | None = None
+        self.link_backend: str | None = None  # the draft link's: nccl | gloo (None without a draft)
+        self.link_rtt_s: float | None = None  # one proposal-sized message there and back, timed at connect
         self.channels: list = []  # StepChannel per target rank (step_transport socket), else empty
         self.draft_channel = None  # the draft's StepChannel (step_transport socket), else None
 
@@ -131,9 +129,7 @@ class WorkerSet:
             vocab_size=leader["vocab_size"], max_context=leader["max_context"],
             target_kv_tokens=leader["kv_capacity_tokens"],
             draft_kv_tokens=None if draft_info is None else draft_info["kv_capacity_tokens"],
-            target_device=leader["device"], draft_device=None if draft_info is None else draft_info["device"],
-            draft_link_backend=self.link_backend if self.draft is not None else None,
-            draft_link_rtt_s=self.link_rtt_s if self.draft is not None else None)
+            target_device=leader["device"], draft_device=None if draft_info is None else draft_info["device"])
         return self.info
 
     def form_target_group(self, timeout_s: float) -> None:
@@ -178,16 +174,13 @@ class WorkerSet:
         distinct = on_gpus and not same_physical_gpu(target_info, draft_info)
         backend = None if distinct and self.config.draft_link == "auto" else "gloo"
         link_timeout = self.config.step_timeout_s / 2
-        backends = self.call([
+        (used, rtt), _ = self.call([
             (TARGET, self.targets[0].connect_draft.remote(addr, port, backend, link_timeout)),
             (DRAFT, self.draft.init_transport.remote(addr, port, backend, link_timeout)),
         ], "draft link", timeout_s)
-        rtt = self.call([(TARGET, self.targets[0].info.remote())], "draft link", timeout_s)[0].get("link_rtt_s")
-        self.link_backend, self.link_rtt_s = backends[0], rtt
-        if self.info is not None:
-            self.info.draft_link_backend, self.info.draft_link_rtt_s = backends[0], rtt
+        self.link_backend, self.link_rtt_s = used, rtt
         self.open_draft_channel(timeout_s)
-        return backends[0]
+        return used
 
     def open_draft_channel(self, timeout_s: float) -> None:
         """(Re)connect the draft's step channel (``step_transport: socket``)."""

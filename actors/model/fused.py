@@ -67,7 +67,6 @@ def compiled() -> SimpleNamespace:
     """The same functions through ``torch.compile`` (one set per process, shared by every model)."""
     global _COMPILED
     if _COMPILED is None:
-        wrap = lambda fn: torch.compile(fn, dynamic=True, fullgraph=True)  # noqa: E731
-        _COMPILED = SimpleNamespace(qkv_rope=wrap(qkv_rope), attention_out=wrap(attention_out), ffn=wrap(ffn),
-                                    name="compiled")
+        _COMPILED = SimpleNamespace(**{fn.__name__: torch.compile(fn, dynamic=True, fullgraph=True)
+                                       for fn in (qkv_rope, attention_out, ffn)}, name="compiled")
     return _COMPILED

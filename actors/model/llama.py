@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from actors.kv_cache import PagedKVCache
-from actors.model.attention import attention_bias, paged_attention
 from actors.model import fused
+from actors.model.attention import attention_bias, paged_attention
 from actors.model.config import ModelConfig
 from actors.model.fused import rms_norm
 from actors.model.rope import RotaryEmbedding
@@ -39,8 +39,6 @@ from actors.step_batch import StepBatch
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
-
-
 
 
 class DecoderLayer(nn.Module):

@@ -181,7 +181,7 @@ class DraftModelProposer(Proposer):
         proposals = []
         for request, tokens in zip(requests, drafted):
             self.cache.commit(request.req_id, [])  # drop drafted entries; keep the real prefix
-            proposals.append(Proposal(torch.tensor(tokens, dtype=torch.long), tuple(range(-1, depth - 1)), None))
+            proposals.append(Proposal.chain(tokens))
         return proposals
 
     # ----------------------------------------------------------------- helpers

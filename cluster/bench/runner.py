@@ -760,9 +760,9 @@ class BenchRun:
                                           meas, reqs, encoded,
                                           extra={"cluster_start_s": start_s, "placement": placement,
                                                  "workers": devices, "step_transport": transport,
-                                                 "draft_link": cluster.workers.info.draft_link_backend,
-                                                 "draft_link_rtt_ms": None if cluster.workers.info.draft_link_rtt_s
-                                                 is None else 1e3 * cluster.workers.info.draft_link_rtt_s})
+                                                 "draft_link": cluster.workers.link_backend,
+                                                 "draft_link_rtt_ms": None if cluster.workers.link_rtt_s is None
+                                                 else 1e3 * cluster.workers.link_rtt_s})
                         # open loop: Poisson (or bursty) arrivals per rate, on the same (warm) cluster
                         for rate in cfg.arrival_rates:
                             if not self._time_ok(f"{what} arrivals {rate:g}/s"):
