@@ -1,6 +1,8 @@
 """Test-wide settings. The models in tests are tiny: one intra-op thread is fastest for them, and
 several threads per process oversubscribe a 2-core CI machine by orders of magnitude. Modules
-that need Ray share one local instance per module (``ray_local``): 2 CPUs, 4 fake GPUs, and the
+that need Ray start it with ``start_local_ray`` (a loaded machine can miss Ray's fixed 30 s
+start-up wait; it retries instead of failing the whole module). Most share one local instance per
+module (``ray_local``): 2 CPUs, 4 fake GPUs, and the
 role-pool resources the Helm chart's worker groups advertise (2 units each of ``outrider_target``
 and ``outrider_draft``), which only placements with ``node_pools: per_role`` ask for."""
 
@@ -16,15 +18,36 @@ import torch
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
+RAY_START_ATTEMPTS = 3
+
+
+def start_local_ray(**kwargs) -> None:
+    """A fresh local Ray for one test module: small object store, no dashboard, workers' logs kept
+    out of the test output. Ray waits a fixed 30 s for its raylet to register; on a loaded 2-core
+    machine that can run out (it did once in CI, failing every test of the module), so a start-up
+    timeout is retried with a clean slate before it counts as a failure."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
-    ray.init(address="local", num_cpus=2, num_gpus=4, object_store_memory=256 * 2**20,
-             resources={"outrider_target": 2, "outrider_draft": 2},
-             include_dashboard=False, log_to_driver=False)
+    options = {"address": "local", "object_store_memory": 256 * 2**20, "include_dashboard": False,
+               "log_to_driver": False, **kwargs}
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(**options)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for this
+            ray.shutdown()
+            if "timed out during startup" not in str(exc) or attempt == RAY_START_ATTEMPTS:
+                raise
+            print(f"Ray start-up timed out (attempt {attempt} of {RAY_START_ATTEMPTS}); retrying")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    start_local_ray(num_cpus=2, num_gpus=4, resources={"outrider_target": 2, "outrider_draft": 2})
     yield
     ray.shutdown()
 

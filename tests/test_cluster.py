@@ -60,13 +60,23 @@ def expected(target_model, prompts, params):
     return [r.token_ids for r in reference_generate(target_model, prompts, params)]
 
 
-def run_concurrently(cluster, prompts, params, stagger_s=0.0):
-    """Submit every prompt (the later ones after a delay, while the first are mid-generation)."""
+def run_concurrently(cluster, prompts, params, stagger_s=0.0, fault=None):
+    """Submit every prompt (the later ones after a delay, while the first are mid-generation).
+
+    ``fault=(n, inject)`` calls ``inject()`` once, when the first request has streamed ``n``
+    tokens: a fault lands mid-generation however fast the machine is (a wall-clock timer once
+    fired after a fast CI machine had finished every request)."""
+    fired = threading.Event()
 
     async def one(i, prompt, p):
         await asyncio.sleep(stagger_s * i)
         stream = await cluster.generate(prompt, p, ignore_eos=True)
-        chunks = [c async for c in stream]
+        chunks = []
+        async for c in stream:
+            chunks.append(c)
+            if fault and i == 0 and not fired.is_set() and sum(len(c.token_ids) for c in chunks) >= fault[0]:
+                fired.set()
+                fault[1]()
         out = await stream.result()
         assert sum((c.token_ids for c in chunks), []) == out.token_ids  # streamed = final
         return out
@@ -74,7 +84,17 @@ def run_concurrently(cluster, prompts, params, stagger_s=0.0):
     async def main():
         return await asyncio.gather(*(one(i, pr, p) for i, (pr, p) in enumerate(zip(prompts, params))))
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    finally:
+        assert fault is None or fired.is_set(), "the fault was never injected"
+
+
+def wait_for(condition, timeout_s=60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
 
 
 def greedy_params(n):
@@ -347,15 +367,15 @@ def test_killed_draft_loses_no_request(ray_local, checkpoints, target_model):
     want = expected(target_model, prompts, params)
     with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=3, adaptive=False)) as cluster:
         draft = cluster.workers.draft
-        killer = threading.Timer(0.5, lambda: ray.kill(draft, no_restart=False))
-        killer.start()
-        got = run_concurrently(cluster, prompts, params)
-        killer.join()
+
+        def kill_draft():
+            ray.kill(draft, no_restart=False)
+            # the engine must notice while requests still run (an idle engine notices at its next step)
+            assert wait_for(lambda: not cluster.engine.draft_up, 30), "the draft's death went unnoticed"
+
+        got = run_concurrently(cluster, prompts, params, fault=(4, kill_draft))
         assert [o.token_ids for o in got] == want
-        deadline = time.monotonic() + 60
-        while not cluster.engine.draft_up and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert cluster.engine.draft_up, "the restarted draft was not reconnected"
+        assert wait_for(lambda: cluster.engine.draft_up), "the restarted draft was not reconnected"
         got = run_concurrently(cluster, prompts[:2], params[:2])
         assert [o.token_ids for o in got] == want[:2]
         assert max(o.stats["mean_accepted_length"] for o in got) > 1.0  # speculating again
@@ -365,12 +385,9 @@ def test_killed_target_fails_clearly_then_recovers(ray_local, checkpoints, targe
     prompts, params = make_prompts(), [SamplingParams(max_tokens=200)] * 6
     with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=2)) as cluster:
         target = cluster.workers.targets[0]
-        killer = threading.Timer(0.5, lambda: ray.kill(target, no_restart=False))
-        killer.start()
         start = time.monotonic()
         with pytest.raises(WorkerFailure, match="target"):
-            run_concurrently(cluster, prompts, params)
-        killer.join()
+            run_concurrently(cluster, prompts, params, fault=(4, lambda: ray.kill(target, no_restart=False)))
         assert time.monotonic() - start < 30
         short = [SamplingParams(max_tokens=10)] * 2
         got = run_concurrently(cluster, prompts[:2], short)
@@ -389,25 +406,20 @@ def test_silent_draft_does_not_hang(ray_local, checkpoints, target_model):
     want = expected(target_model, prompts, params)
     with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=2, adaptive=False,
                               step_timeout_s=4)) as cluster:
-        threading.Timer(0.3, _freeze, (cluster.workers.draft,)).start()
         start = time.monotonic()
-        got = run_concurrently(cluster, prompts, params)
+        got = run_concurrently(cluster, prompts, params, fault=(3, lambda: _freeze(cluster.workers.draft)))
         assert [o.token_ids for o in got] == want  # finished target-only after the link deadline
         assert time.monotonic() - start < 20
-        deadline = time.monotonic() + 60
-        while not cluster.engine.draft_up and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert cluster.engine.draft_up  # the frozen draft was killed and restarted
+        assert wait_for(lambda: cluster.engine.draft_up)  # the frozen draft was killed and restarted
 
 
 def test_silent_target_fails_requests_then_recovers(ray_local, checkpoints, target_model):
     prompts, params = make_prompts()[:3], [SamplingParams(max_tokens=300)] * 3
     with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=2, step_timeout_s=4)) as cluster:
         assert cluster.health() == (True, "serving")
-        threading.Timer(0.3, _freeze, (cluster.workers.targets[0],)).start()
         start = time.monotonic()
         with pytest.raises(WorkerFailure, match="did not answer"):
-            run_concurrently(cluster, prompts, params)
+            run_concurrently(cluster, prompts, params, fault=(3, lambda: _freeze(cluster.workers.targets[0])))
         assert time.monotonic() - start < 20
         serving, why = cluster.health()
         assert (serving and why == "serving") or why.startswith("recovering"), why

@@ -32,7 +32,7 @@ from cluster.scheduler import EngineOverloadedError
 from cluster.serve.grpc_ingress import GrpcIngress
 from protos.outrider.v1 import generate_pb2 as pb
 from protos.outrider.v1 import generate_pb2_grpc as pb_grpc
-from tests.conftest import free_port
+from tests.conftest import free_port, start_local_ray
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "s3cret-key"
@@ -112,8 +112,7 @@ class FakeEngine:
 
 @pytest.fixture(scope="module")
 def served():
-    ray.init(address="local", num_cpus=2, num_gpus=2, object_store_memory=256 * 2**20,
-             include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, num_gpus=2)
     serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
     ports = {"open": free_port(), "auth": free_port()}
     opts = {"host": "127.0.0.1", "model_name": MODEL, "health_poll_s": 0.2, "health_timeout_s": 1.0,

@@ -750,6 +750,7 @@ def test_rendered_config_serves_locally(h, tmp_path_factory):
     from ray import serve
 
     from cluster.serve.app import app_builder
+    from tests.conftest import start_local_ray
     from tests.tiny_models import write_tiny_checkpoint
 
     checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("helm-local") / "tiny-helm", num_layers=2,
@@ -801,8 +802,7 @@ def test_rendered_config_serves_locally(h, tmp_path_factory):
 
     saved = {k: os.environ.get(k) for k in pod_env}
     os.environ.update(pod_env)
-    ray.init(address="local", num_cpus=2, num_gpus=gpus, resources=resources,
-             object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, num_gpus=gpus, resources=resources)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                     logging_config={"enable_access_log": False})

@@ -21,6 +21,7 @@ from placement.spec import (  # noqa: E402
     PlacementError,
     PlacementRequest,
 )
+from tests.conftest import start_local_ray  # noqa: E402
 
 NUM_GPUS = 4
 NUM_CPUS = 8
@@ -45,8 +46,7 @@ def make_probe():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(address="local", num_cpus=NUM_CPUS, num_gpus=NUM_GPUS,
-             object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=NUM_CPUS, num_gpus=NUM_GPUS)
     yield
     ray.shutdown()
 

@@ -31,7 +31,7 @@ from cluster.config import ClusterConfig
 from cluster.serve.app import APP_NAME, deploy
 from cluster.serve.openai_ingress import OpenAIIngress
 from tests.tiny_models import write_tiny_checkpoint
-from tests.conftest import free_port
+from tests.conftest import free_port, start_local_ray
 
 CONTEXT = 128
 API_KEY = "test-key-123"
@@ -65,8 +65,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    ray.init(address="local", num_cpus=4, num_gpus=3, object_store_memory=256 * 2**20,
-             include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4, num_gpus=3)
     port, grpc_port = free_port(), free_port()
     config = ClusterConfig(
         target=checkpoint, draft="self:1", num_draft_tokens=3, num_gpus=3, cpus_per_worker=0,

@@ -18,7 +18,7 @@ from ray import serve
 
 from cluster.config import ClusterConfig
 from cluster.serve.app import build_app
-from tests.conftest import free_port
+from tests.conftest import free_port, start_local_ray
 from tests.test_grpc import FakeEngine
 
 TIMEOUT_S = 4.0  # long enough for the back-pressure test to finish inside one held stream
@@ -26,8 +26,7 @@ TIMEOUT_S = 4.0  # long enough for the back-pressure test to finish inside one h
 
 @pytest.fixture(scope="module")
 def served():
-    ray.init(address="local", num_cpus=2, num_gpus=1, object_store_memory=256 * 2**20,
-             include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, num_gpus=1)
     port = free_port()
     config = ClusterConfig(target="unused", serve={"http_port": port, "grpc_port": None, "max_concurrent_requests": 1,
                                                    "max_queued_requests": 1, "request_timeout_s": TIMEOUT_S})
