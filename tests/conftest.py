@@ -61,6 +61,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for(condition, timeout_s: float = 60.0, poll_s: float = 0.05) -> bool:
+    """Poll ``condition`` until it holds or ``timeout_s`` passes; returns its last value. For
+    states reached by background work: a fixed sleep is too short on a loaded machine."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(poll_s)
+    return bool(condition())
+
+
 class RedisServer:
     """A real ``redis-server`` on 127.0.0.1 with AUTH, no persistence; ``restart`` keeps the port."""
 

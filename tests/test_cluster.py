@@ -27,6 +27,7 @@ from cluster.cluster import Cluster
 from cluster.config import ClusterConfig
 from cluster.scheduler import EngineOverloadedError
 from cluster.workers import WorkerFailure
+from tests.conftest import wait_for
 from tests.tiny_models import write_tiny_checkpoint
 
 VOCAB = 320
@@ -88,13 +89,6 @@ def run_concurrently(cluster, prompts, params, stagger_s=0.0, fault=None):
         return asyncio.run(main())
     finally:
         assert fault is None or fired.is_set(), "the fault was never injected"
-
-
-def wait_for(condition, timeout_s=60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return condition()
 
 
 def greedy_params(n):

@@ -18,7 +18,7 @@ from ray import serve
 
 from cluster.config import ClusterConfig
 from cluster.serve.app import build_app
-from tests.conftest import free_port, start_local_ray
+from tests.conftest import free_port, start_local_ray, wait_for
 from tests.test_grpc import FakeEngine
 
 TIMEOUT_S = 4.0  # long enough for the back-pressure test to finish inside one held stream
@@ -42,15 +42,6 @@ def served():
 
 def aborted(engine) -> list[str]:
     return engine.state.remote().result(timeout_s=10)["aborted"]
-
-
-def wait_for(predicate, timeout_s=10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_a_full_ingress_answers_503_and_the_held_request_is_aborted_when_its_client_leaves(served):

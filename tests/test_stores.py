@@ -8,6 +8,7 @@ import pytest
 
 from cluster.config import ConfigError, StoreOptions, load_config
 from cluster.stores import EngineRegistry, MemoryStore, StoreUnavailableError, masked_url, open_store
+from tests.conftest import wait_for
 
 
 def redis_options(server, **fields):
@@ -37,10 +38,10 @@ def test_records_round_trip_scan_and_delete(store):
 
 
 def test_records_expire(store):
-    store.put("k", {"v": 1}, ttl_s=0.2)
+    store.put("k", {"v": 1}, ttl_s=0.5)
     assert store.get("k") == {"v": 1}
-    time.sleep(0.35)
-    assert store.get("k") is None and store.scan("") == {}
+    assert wait_for(lambda: store.get("k") is None, 10)
+    assert store.scan("") == {}
 
 
 def test_glob_characters_in_keys_are_literal(store):
@@ -105,13 +106,13 @@ def test_engine_registry_announces_refreshes_and_expires(store):
         (rec,) = reg.engines().values()
         assert rec["serving"] is True and rec["engine_id"] == reg.engine_id
         health["v"] = (False, "recovering: x")
-        time.sleep(0.5)
-        assert reg.engines()[reg.key]["reason"] == "recovering: x"  # refreshed
-        other = EngineRegistry(store, "m", lambda: (True, "serving"), period_s=0.1)
+        assert wait_for(lambda: reg.engines()[reg.key]["reason"] == "recovering: x", 10)  # refreshed
+        other = EngineRegistry(store, "m", lambda: (True, "serving"), period_s=0.2)
         other.beat()  # announced once, never refreshed: a dead engine
-        assert len(reg.engines()) == 2
-        time.sleep(0.45)
-        assert list(reg.engines()) == [reg.key]  # the dead one expired, the live one stays
+        assert other.key in reg.engines()
+        assert wait_for(lambda: other.key not in reg.engines(), 10)  # the dead one expired
+        time.sleep(0.7)  # longer than the live one's expiry (3 x 0.2 s): only its refreshes keep it
+        assert list(reg.engines()) == [reg.key]
     finally:
         reg.stop()
     assert reg.engines() == {}
