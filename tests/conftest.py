@@ -2,9 +2,10 @@
 several threads per process oversubscribe a 2-core CI machine by orders of magnitude. Modules
 that need Ray start it with ``start_local_ray`` (a loaded machine can miss Ray's fixed 30 s
 start-up wait; it retries instead of failing the whole module). Most share one local instance per
-module (``ray_local``): 2 CPUs, 4 fake GPUs, and the
-role-pool resources the Helm chart's worker groups advertise (2 units each of ``outrider_target``
-and ``outrider_draft``), which only placements with ``node_pools: per_role`` ask for."""
+module (``ray_local``): 2 CPUs, 4 fake GPUs, and the role-pool resources the Helm chart's worker
+groups advertise (2 units each of ``outrider_target`` and ``outrider_draft``), which only
+placements with ``node_pools: per_role`` ask for. ``wait_for`` polls for states that background
+work reaches, where a fixed sleep would be too short on a loaded machine."""
 
 import os
 import shutil
