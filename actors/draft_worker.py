@@ -233,7 +233,7 @@ class DraftWorker:
         # a proposal that first prefills a long catch-up (a new request's prompt) is not a cost sample
         long_catch_up = any(self.proposer.catch_up_length(r, self._tokens[r]) > 2 * self.max_draft_tokens + 2
                             for r in ids)
-        t0, captures = time.perf_counter(), self._captures()
+        t0, captures, capture_s = time.perf_counter(), self._captures(), self._capture_s()
         proposals, hits, extended = self._proposals(ids, drafts)
         if ids:
             self.link.send(pack_proposals(ids, [proposals[r] for r in ids]), TARGET_RANK)
@@ -242,10 +242,15 @@ class DraftWorker:
         if self.overlap and ids:
             self._speculate(ids, proposals, drafts)
         t2 = time.perf_counter()
-        return {"step": step_id, "num_proposed": sum(len(p) for p in proposals.values()), "batch": len(ids),
-                "levels": max((len(p) for p in proposals.values()), default=0),
-                "hits": hits, "misses": (len(ids) - hits) if self.overlap else 0, "extended": extended,
-                "propose_s": 0.0 if captured else t1 - t0, "speculate_s": t2 - t1}
+        reply = {"step": step_id, "num_proposed": sum(len(p) for p in proposals.values()), "batch": len(ids),
+                 "levels": max((len(p) for p in proposals.values()), default=0),
+                 "hits": hits, "misses": (len(ids) - hits) if self.overlap else 0, "extended": extended,
+                 "propose_s": 0.0 if captured else t1 - t0, "speculate_s": t2 - t1,
+                 "propose_wall_s": t1 - t0}  # the real time, also when it is no cost sample
+        if self._captures() != captures:
+            reply["captures"] = self._captures() - captures
+            reply["capture_s"] = self._capture_s() - capture_s
+        return reply
 
     @_locked
     def free(self, req_ids: list[int]) -> None:
@@ -255,6 +260,10 @@ class DraftWorker:
     def _captures(self) -> int:
         runner = getattr(self.proposer, "runner", None)
         return runner.stats["captures"] if runner is not None else 0
+
+    def _capture_s(self) -> float:
+        runner = getattr(self.proposer, "runner", None)
+        return runner.stats["capture_s"] if runner is not None else 0.0
 
     @_locked
     def kv_free_tokens(self) -> int:

@@ -177,7 +177,7 @@ class TargetWorker:
         ]
         if not steps:
             return {"results": {}, "draft_link": self.link is not None}
-        t0, captures = time.perf_counter(), self.runner.stats["captures"]
+        t0, captures, capture_s = time.perf_counter(), self.runner.stats["captures"], self.runner.stats["capture_s"]
         batch = self.runner.build(steps)
         logits = self.runner.forward(batch)
         if self.tp_rank != LEADER:
@@ -202,7 +202,11 @@ class TargetWorker:
             self.cache.commit(req_id, path)
         reply = self._emit(emitted, stats, send_tokens)
         # a step that captured a CUDA graph is not a cost sample (capture takes ~100x a replay)
-        reply["forward_s"] = None if self.runner.stats["captures"] != captures else time.perf_counter() - t0
+        new_captures = self.runner.stats["captures"] - captures
+        reply["forward_s"] = None if new_captures else time.perf_counter() - t0
+        if new_captures:
+            reply["captures"] = new_captures
+            reply["capture_s"] = self.runner.stats["capture_s"] - capture_s
         return reply
 
     @_locked

@@ -492,6 +492,7 @@ class Engine:
             self.policy.observe_costs(len(running), tokens, out.get("forward_s"), None)
         self.metrics.on_step(decision, verify_s=out.get("forward_s"), outcomes=list(zip(proposed, accepted)),
                              step_s=elapsed)
+        self.metrics.on_graph_captures("target", out.get("captures", 0), out.get("capture_s", 0.0))
 
     # ----------------------------------------------------------------- faults
     def _draft_lost(self, failure: WorkerFailure) -> None:

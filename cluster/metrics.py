@@ -30,6 +30,9 @@ spec_decision_info{k, reason_code, overlap}    info       the last decision (ful
 verify_step_seconds, draft_step_seconds        histogram  measured step times (draft: drafting + speculation)
 engine_step_seconds                            histogram  wall time of an engine step at the control plane
 overlap_speculations_total{outcome}            counter    overlap: pre-drafted chains used (hit) or dropped (miss)
+draft_propose_wall_seconds_total               counter    draft proposals' wall time, catch-up prefills and captures included
+graph_captures_total{role}                     counter    CUDA graphs captured by a worker (role target|draft) while serving
+graph_capture_seconds_total{role}              counter    ... and the seconds they took (on the step's critical path)
 draft_worker_up                                gauge      1 while the draft worker serves, else 0
 engine_steps_total                             counter    engine steps
 =============================================  =========  ==============================================
@@ -132,6 +135,16 @@ class EngineMetrics:
             "outrider_overlap_extended_total",
             "Overlap: hits whose pre-drafted chain was shorter than asked (bounded by the verify time) and "
             "was extended after the hit.", registry=r)
+        self.draft_propose_wall = Counter(
+            "outrider_draft_propose_wall_seconds_total",
+            "Draft: wall time of its proposals, catch-up prefills and graph captures included (the draft step "
+            "histogram keeps cost samples only).", registry=r)
+        self.graph_captures = Counter("outrider_graph_captures_total",
+                                      "CUDA graphs a worker captured while serving (a bucket met for the first time).",
+                                      ["role"], registry=r)
+        self.graph_capture_seconds = Counter("outrider_graph_capture_seconds_total",
+                                             "Seconds of those captures, spent on the step's critical path.",
+                                             ["role"], registry=r)
         self.draft_up = Gauge("outrider_draft_worker_up", "1 while the draft worker serves, else 0.", registry=r)
         self.draft_link_rtt = Gauge("outrider_draft_link_round_trip_seconds",
                                     "Draft link: one proposal-sized message there and back, timed when it was formed.",
@@ -142,6 +155,8 @@ class EngineMetrics:
             self.requests.labels(status=status, finish_reason="none")
         for role in KV_ROLES:
             self.kv_usage.labels(role=role).set(0.0)
+            self.graph_captures.labels(role=role)
+            self.graph_capture_seconds.labels(role=role)
 
     # ------------------------------------------------------------------ engine calls
 
@@ -180,6 +195,17 @@ class EngineMetrics:
                 self.overlap_speculations.labels(outcome=outcome).inc(stats[key])
         if stats.get("extended"):
             self.overlap_extended.inc(stats["extended"])
+        if stats.get("propose_wall_s"):
+            self.draft_propose_wall.inc(max(0.0, stats["propose_wall_s"]))
+        self.on_graph_captures("draft", stats.get("captures", 0), stats.get("capture_s", 0.0))
+
+    def on_graph_captures(self, role: str, count: int, seconds: float) -> None:
+        """A worker (``role`` target|draft) captured ``count`` CUDA graphs in a step, taking ``seconds``."""
+        if role not in KV_ROLES:
+            raise ValueError(f"role must be one of {KV_ROLES}, got {role!r}")
+        if count:
+            self.graph_captures.labels(role=role).inc(count)
+            self.graph_capture_seconds.labels(role=role).inc(max(0.0, seconds))
 
     def on_step(self, decision=None, *, verify_s: float | None = None, draft_s: float | None = None,
                 outcomes: Iterable[tuple[int, int]] = (), step_s: float | None = None) -> None:

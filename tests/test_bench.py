@@ -100,7 +100,10 @@ def test_every_scenario_kind(ray_local, checkpoint, tmp_path):
             assert row["emulated_alpha"] == 0.9 and row["mean_accepted_length"]["median"] > 1.5, row["scenario"]
     for row in rows:
         if row["scenario"].startswith("cluster"):
-            assert row["reps"][0]["metrics"]["engine_steps"] > 0
+            metrics = row["reps"][0]["metrics"]
+            assert metrics["engine_steps"] > 0
+            assert metrics["graph_captures"] == {"target": 0, "draft": 0}  # CPU: eager, nothing captured
+            assert metrics["draft_propose_wall_s"] > 0  # every cluster row here drafts
             assert 0.0 <= row["control_plane_share"]["median"] <= 1.0
             assert row["gpus"] == (2 if "separate" in row["scenario"] else 1)
             assert row["draft_link"] == "gloo" and row["draft_link_rtt_ms"] > 0  # CPU: gloo, timed at connect
@@ -304,3 +307,20 @@ def test_draft_link_both_runs_separate_rows_per_link(ray_local, checkpoint, tmp_
     assert all(r["draft_link_rtt_ms"] > 0 for r in rows if r["scenario"] == "cluster-separate-turns")
     with pytest.raises(ValueError, match="draft_link must be auto, gloo or both"):
         tiny_config(checkpoint, tmp_path, draft_link="tcp").validate()
+
+
+def test_report_names_graph_captures_inside_timed_repetitions():
+    """Captures during timed repetitions are listed per row and repetition; none, no section."""
+    from cluster.bench.report import _capture_notes
+
+    def row(captures):
+        return {"scenario": "cluster-colocated-overlap", "draft": "self:1", "k": 4, "adaptive": True,
+                "concurrency": 8, "emulated_alpha": None,
+                "reps": [{"metrics": {"graph_captures": c, "graph_capture_s": {"target": 0.0, "draft": 0.03 * c["draft"]}}}
+                         for c in captures]}
+
+    quiet = row([{"target": 0, "draft": 0}] * 3)
+    assert _capture_notes([quiet]) == []
+    notes = _capture_notes([quiet, row([{"target": 0, "draft": 2}, {"target": 0, "draft": 0}, {"target": 0, "draft": 0}])])
+    assert "CUDA graphs captured inside timed repetitions" in notes[1]
+    assert notes[-1].endswith(": 2 draft (60 ms), none, none") and "c = 8" in notes[-1]

@@ -21,6 +21,8 @@ NAMES = [
     "outrider_spec_expected_tokens_per_step", "outrider_spec_decision_info", "outrider_verify_step_seconds",
     "outrider_draft_step_seconds", "outrider_draft_worker_up", "outrider_engine_steps_total",
     "outrider_overlap_extended_total", "outrider_draft_link_round_trip_seconds",
+    "outrider_draft_propose_wall_seconds_total", "outrider_graph_captures_total",
+    "outrider_graph_capture_seconds_total",
 ]
 
 
@@ -134,3 +136,21 @@ def test_validation():
         m.on_request_finished("done", "stop", None, None, 1, 1)
     with pytest.raises(ValueError):
         m.set_kv_usage("cpu", 0.5)
+
+
+def test_graph_captures_and_the_drafts_real_time_are_counted_per_role():
+    """A worker's reply names the CUDA graphs it captured during the step: counted per role, with
+    their seconds; the draft's proposal wall time counts also when it is no cost sample."""
+    m = EngineMetrics(max_draft_tokens=4)
+    m.on_draft_step({"propose_s": 0.0, "speculate_s": 0.001, "propose_wall_s": 0.03, "captures": 2,
+                     "capture_s": 0.025})
+    m.on_draft_step({"propose_s": 0.002, "speculate_s": 0.0, "propose_wall_s": 0.002})
+    m.on_graph_captures("target", 1, 0.09)
+    m.on_graph_captures("target", 0, 0.0)
+    snap = m.snapshot()
+    assert snap["outrider_graph_captures_total"] == {"role=target": 1.0, "role=draft": 2.0}
+    assert snap["outrider_graph_capture_seconds_total"]["role=draft"] == pytest.approx(0.025)
+    assert snap["outrider_graph_capture_seconds_total"]["role=target"] == pytest.approx(0.09)
+    assert snap["outrider_draft_propose_wall_seconds_total"] == pytest.approx(0.032)
+    with pytest.raises(ValueError, match="role"):
+        m.on_graph_captures("router", 1, 0.1)

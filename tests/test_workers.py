@@ -103,3 +103,28 @@ def test_speculation_depth_fits_the_verify_and_chains_concatenate_with_their_pro
     assert both.token_ids.tolist() == [4, 5, 6, 1, 2] and both.parents == (-1, 0, 1, 2, 3)
     assert torch.equal(both.draft_probs, torch.cat([q1, q2]))
     assert chain_concat(Proposal.chain([4]), Proposal.chain([6], q2[:1])).draft_probs is None
+
+
+def test_target_reply_names_the_graphs_a_step_captured(tmp_path):
+    """A step that captured CUDA graphs is no cost sample (forward_s None) and says how many it
+    captured and how long they took; other steps carry neither key. The capture is simulated on
+    the CPU runner (which runs eagerly) by bumping its counters as GraphRunner._capture does."""
+    from actors.target_worker import TargetWorker
+
+    path = str(write_tiny_checkpoint(tmp_path / "t", num_layers=1, with_tokenizer=False))
+    worker = TargetWorker(path, kv_budget_tokens=128, device="cpu")
+    params = SamplingParams(max_tokens=4)
+    reply = worker.step(0, [(1, [5, 6, 7], params)], [], [], [])
+    assert reply["forward_s"] is not None and "captures" not in reply
+
+    forward = worker.runner.forward
+
+    def capturing_forward(batch):
+        worker.runner.stats["captures"] += 2
+        worker.runner.stats["capture_s"] += 0.05
+        return forward(batch)
+
+    worker.runner.forward = capturing_forward
+    reply = worker.step(1, [], [1], [], [])
+    assert reply["forward_s"] is None
+    assert reply["captures"] == 2 and abs(reply["capture_s"] - 0.05) < 1e-9

@@ -114,6 +114,26 @@ def _greedy(row: dict) -> str:
     return text
 
 
+def _capture_notes(rows: list[dict]) -> list[str]:
+    """Rows whose timed repetitions included CUDA graph captures (a bucket met for the first time):
+    a one-time cost that a short repetition cannot amortise."""
+    notes = []
+    for row in rows:
+        per_rep = [rep.get("metrics", {}) for rep in row.get("reps", [])]
+        counts = [{k: int(v) for k, v in (m.get("graph_captures") or {}).items() if v} for m in per_rep]
+        if not any(counts):
+            continue
+        seconds = [sum((m.get("graph_capture_s") or {}).values()) for m in per_rep]
+        cells = ", ".join(
+            (" + ".join(f"{n} {role}" for role, n in c.items()) + f" ({s * 1e3:.0f} ms)") if c else "none"
+            for c, s in zip(counts, seconds))
+        notes.append(f"- {row_name(row)}, c = {row['concurrency']}: {cells}")
+    if not notes:
+        return []
+    return ["", "CUDA graphs captured inside timed repetitions (per repetition; a one-time cost of a bucket "
+            "met for the first time, on the step's critical path):", ""] + notes
+
+
 def markdown(r: dict) -> str:
     env, fl = r["env"], r.get("floor") or {}
     lines = [f"# Outrider bench — {r['date']} — {r['name']}", ""]
@@ -180,6 +200,7 @@ def markdown(r: dict) -> str:
         if links:
             lines += ["", "Draft link (timed at connect: one proposal-sized message there and back):", ""]
             lines += [f"- {name}: {backend}, {rtt:.3f} ms" for name, (backend, rtt) in links.items()]
+        lines += _capture_notes(rows)
         cats = [row for row in rows if row.get("by_category")]
         base_row = next((x for x in rows if x["scenario"] == "ours-target-only" and x["concurrency"] == 1), None)
         if cats and base_row and base_row.get("by_category"):

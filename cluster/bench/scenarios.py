@@ -258,8 +258,16 @@ def _metric_delta(before: dict, after: dict, max_positions: int) -> dict:
                         - _metric(before, "outrider_spec_position_accepted_total", lab))
     overlap = {o: _metric(after, "outrider_overlap_speculations_total", f"outcome={o}")
                - _metric(before, "outrider_overlap_speculations_total", f"outcome={o}") for o in ("hit", "miss")}
+    captures = {role: _metric(after, "outrider_graph_captures_total", f"role={role}")
+                - _metric(before, "outrider_graph_captures_total", f"role={role}") for role in ("target", "draft")}
+    capture_s = {role: _metric(after, "outrider_graph_capture_seconds_total", f"role={role}")
+                 - _metric(before, "outrider_graph_capture_seconds_total", f"role={role}") for role in ("target", "draft")}
+    draft_wall = (_metric(after, "outrider_draft_propose_wall_seconds_total")
+                  - _metric(before, "outrider_draft_propose_wall_seconds_total"))
     return {"engine_steps": steps, "verify_s_sum": vsum, "verify_count": vcount, "draft_s_sum": dsum,
-            "draft_count": dcount, "position_tested": tested, "position_accepted": accepted, "overlap": overlap}
+            "draft_count": dcount, "draft_propose_wall_s": draft_wall, "position_tested": tested,
+            "position_accepted": accepted, "overlap": overlap, "graph_captures": captures,
+            "graph_capture_s": capture_s}
 
 
 def _pct(values: list[float], q: float) -> float | None:
