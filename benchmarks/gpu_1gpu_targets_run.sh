@@ -8,7 +8,8 @@
 #     1, 8, 32 and 64 against the cluster's target-only, fixed and adaptive k, with this run's
 #     measured cost curve wired into the policy (--cluster-cost-table measured).
 # FUSED=1 adds --fused-kernels to every row (each layer's element-wise chains through torch.compile).
-# About 9 minutes. Results: $OUT/results.tgz (colocated/, adaptive/, logs).
+# About 4 minutes on an H100 (2026-12-06: 3m53s unfused, 4m33s fused). Results: $OUT/results.tgz
+# (colocated/, adaptive/, logs); per-rep graph captures in adaptive/results.json since 8ae28ce.
 source benchmarks/gpu_common.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/run/gpu.txt"
 extra=(); [ "${FUSED:-0}" = 1 ] && extra=(--fused-kernels)
