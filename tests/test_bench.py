@@ -108,6 +108,7 @@ def test_every_scenario_kind(ray_local, checkpoint, tmp_path):
             assert row["gpus"] == (2 if "separate" in row["scenario"] else 1)
             assert row["draft_link"] == "gloo" and row["draft_link_rtt_ms"] > 0  # CPU: gloo, timed at connect
     assert {(x["batch"], x["tokens_per_seq"]) for x in model["cost_curve"]} == {(b, n) for b in (1, 2) for n in (1, 2, 4)}
+    assert not any(x["graphed"] for x in model["cost_curve"])  # CPU: the workers' runner runs eagerly
     assert model["draft_cost_curve"] and results["floor"]["copy"]["bytes_per_s"] > 0
     by_cat = next(r for r in rows if r["scenario"] == "ours-target-only" and r["concurrency"] == 1)["by_category"]
     assert set(by_cat) == {"writing", "qa"}
@@ -324,3 +325,11 @@ def test_report_names_graph_captures_inside_timed_repetitions():
     notes = _capture_notes([quiet, row([{"target": 0, "draft": 2}, {"target": 0, "draft": 0}, {"target": 0, "draft": 0}])])
     assert "CUDA graphs captured inside timed repetitions" in notes[1]
     assert notes[-1].endswith(": 2 draft (60 ms), none, none") and "c = 8" in notes[-1]
+
+
+def test_cost_table_note_says_how_the_curve_was_run():
+    from cluster.bench.report import _graphed_note
+
+    assert _graphed_note([{"graphed": False}] * 3) == "measured eagerly, without CUDA graphs"
+    assert _graphed_note([{"graphed": True}] * 2).startswith("every point replayed from a CUDA graph")
+    assert _graphed_note([{"graphed": True}, {"graphed": False}]).startswith("1 of 2 points replayed")

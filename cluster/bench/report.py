@@ -114,6 +114,17 @@ def _greedy(row: dict) -> str:
     return text
 
 
+def _graphed_note(curve: list[dict]) -> str:
+    """How the cost curve's points were run: CUDA graph replays (as the workers run them) or eager."""
+    graphed = sum(bool(x.get("graphed")) for x in curve)
+    if graphed == len(curve):
+        return "every point replayed from a CUDA graph, as the workers run it"
+    if graphed == 0:
+        return "measured eagerly, without CUDA graphs"
+    return (f"{graphed} of {len(curve)} points replayed from CUDA graphs as the workers run them, the rest "
+            "(beyond the graph buckets) eager")
+
+
 def _capture_notes(rows: list[dict]) -> list[str]:
     """Rows whose timed repetitions included CUDA graph captures (a bucket met for the first time):
     a one-time cost that a short repetition cannot amortise."""
@@ -238,7 +249,7 @@ def markdown(r: dict) -> str:
         if model.get("cost_table_file"):
             lines += ["", (f"Cost table for the adaptive policy: `{Path(model['cost_table_file']).name}` "
                            "(`StepCostModel.from_table` format; `cost_table: FILE` in the cluster config, or "
-                           "OUTRIDER_COST_TABLE; measured eagerly, without CUDA graphs).")]
+                           f"OUTRIDER_COST_TABLE; {_graphed_note(model['cost_curve'])}).")]
         if model.get("cluster_cost_table"):
             lines += ["", f"Cluster rows: the speculation policy's cost model starts from `{model['cluster_cost_table']}`."]
         for x in rows:

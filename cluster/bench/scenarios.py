@@ -16,7 +16,8 @@ numbers; the greedy outputs of the first repetition (checked against target-only
 * ``run_arrivals``: ``Cluster.generate`` open loop: each request sent at its scheduled arrival time
   (``config.arrival_times``: Poisson or bursty), whatever is still running; client-side TTFT / TPOT
   from the scheduled arrival, and the share of requests meeting both SLOs (goodput);
-* ``cost_curve``: one target forward (``StepBatch.build`` + ``forward`` + rollback) over B
+* ``cost_curve``: one target step as the workers run it (``GraphRunner.build`` + ``forward`` +
+  rollback: a CUDA graph replay where the shape fits the runner's buckets, else eager) over B
   sequences x T new tokens each at a fixed context: where verification stops being free.
 """
 
@@ -429,7 +430,10 @@ def run_arrivals(cluster, requests: Requests, schedule: list[float], params: Sam
 @torch.inference_mode()
 def cost_curve(model, *, batches: list[int], tokens: list[int], context: int, repetitions: int = 5,
                device="cpu", seed: int = 0) -> list[dict]:
-    """Median seconds of one forward over B sequences x T new tokens (chains), context ``context``."""
+    """Median seconds of one step over B sequences x T new tokens (chains), context ``context``,
+    through a ``GraphRunner`` as in the workers: replayed from a CUDA graph where (B, T) fits its
+    buckets on a GPU (captured in the untimed first step; ``graphed`` in the row), else eager."""
+    from actors.model.graph_runner import GraphRunner
     from actors.step_batch import SeqStep, StepBatch
 
     max_b, max_t = max(batches), max(tokens)
@@ -445,6 +449,7 @@ def cost_curve(model, *, batches: list[int], tokens: list[int], context: int, re
     model.forward(prefill, cache)
     for b in range(max_b):
         cache.commit(b)
+    runner = GraphRunner(model, cache)  # graphs on a GPU without TP, eager elsewhere
     sync(device)
     rows = []
     for B in batches:
@@ -452,13 +457,13 @@ def cost_curve(model, *, batches: list[int], tokens: list[int], context: int, re
             ids = [torch.randint(3, vocab, (T,), generator=gen).tolist() for _ in range(B)]
 
             def step(ids=ids, B=B):
-                batch = StepBatch.build(cache, [SeqStep(b, ids[b]) for b in range(B)])
-                model.forward(batch, cache)
+                runner.step([SeqStep(b, ids[b]) for b in range(B)])
                 for b in range(B):
                     cache.commit(b, [])
 
-            step()
+            step()  # a bucket's graph is captured here, untimed
             sync(device)
+            graph_steps = runner.stats["graph_steps"]
             times = []
             for _ in range(repetitions):
                 t0 = time.perf_counter()
@@ -466,7 +471,8 @@ def cost_curve(model, *, batches: list[int], tokens: list[int], context: int, re
                 sync(device)
                 times.append(time.perf_counter() - t0)
             rows.append({"batch": B, "tokens_per_seq": T, "context": context, "median_s": statistics.median(times),
-                         "min_s": min(times), "max_s": max(times), "raw_s": times})
+                         "min_s": min(times), "max_s": max(times), "raw_s": times,
+                         "graphed": runner.stats["graph_steps"] - graph_steps == repetitions})
     for b in range(max_b):
         cache.free(b)
     return rows
