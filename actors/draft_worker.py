@@ -233,12 +233,12 @@ class DraftWorker:
         # a proposal that first prefills a long catch-up (a new request's prompt) is not a cost sample
         long_catch_up = any(self.proposer.catch_up_length(r, self._tokens[r]) > 2 * self.max_draft_tokens + 2
                             for r in ids)
-        t0, captures, capture_s = time.perf_counter(), self._captures(), self._capture_s()
+        t0, (captures, capture_s) = time.perf_counter(), self._capture_stats()
         proposals, hits, extended = self._proposals(ids, drafts)
         if ids:
             self.link.send(pack_proposals(ids, [proposals[r] for r in ids]), TARGET_RANK)
         t1 = time.perf_counter()
-        captured = self._captures() != captures or long_catch_up  # not a cost sample
+        captured = self._capture_stats()[0] != captures or long_catch_up  # not a cost sample
         if self.overlap and ids:
             self._speculate(ids, proposals, drafts)
         t2 = time.perf_counter()
@@ -247,9 +247,9 @@ class DraftWorker:
                  "hits": hits, "misses": (len(ids) - hits) if self.overlap else 0, "extended": extended,
                  "propose_s": 0.0 if captured else t1 - t0, "speculate_s": t2 - t1,
                  "propose_wall_s": t1 - t0}  # the real time, also when it is no cost sample
-        if self._captures() != captures:
-            reply["captures"] = self._captures() - captures
-            reply["capture_s"] = self._capture_s() - capture_s
+        now_captures, now_capture_s = self._capture_stats()
+        if now_captures != captures:
+            reply["captures"], reply["capture_s"] = now_captures - captures, now_capture_s - capture_s
         return reply
 
     @_locked
@@ -257,13 +257,10 @@ class DraftWorker:
         for req_id in req_ids:
             self._forget(req_id)
 
-    def _captures(self) -> int:
+    def _capture_stats(self) -> tuple[int, float]:
+        """(CUDA graphs captured so far, their seconds) by the proposer's graph runner."""
         runner = getattr(self.proposer, "runner", None)
-        return runner.stats["captures"] if runner is not None else 0
-
-    def _capture_s(self) -> float:
-        runner = getattr(self.proposer, "runner", None)
-        return runner.stats["capture_s"] if runner is not None else 0.0
+        return (runner.stats["captures"], runner.stats["capture_s"]) if runner is not None else (0, 0.0)
 
     @_locked
     def kv_free_tokens(self) -> int:
@@ -350,9 +347,9 @@ class DraftWorker:
         for depth, group in by_length.items():
             assumed = {r: self._tokens[r] + proposals[r].token_ids.tolist() for r in group}
             requests = [ProposeRequest(r, assumed[r], self._params[r]) for r in group]
-            t0, captures = time.perf_counter(), self._captures()
+            t0, captures = time.perf_counter(), self._capture_stats()[0]
             chains = self.proposer.propose(requests, TreeShape.chain(depth))
-            if self._captures() == captures:  # a graph capture is not a level time
+            if self._capture_stats()[0] == captures:  # a graph capture is not a level time
                 level_s = (time.perf_counter() - t0) / depth
                 self._level_s = level_s if self._level_s is None else (
                     LEVEL_DECAY * self._level_s + (1 - LEVEL_DECAY) * level_s)

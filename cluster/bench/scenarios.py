@@ -244,31 +244,22 @@ def _metric(snap: dict, name: str, labels: str | None = None) -> float:
 
 
 def _metric_delta(before: dict, after: dict, max_positions: int) -> dict:
-    steps = _metric(after, "outrider_engine_steps_total") - _metric(before, "outrider_engine_steps_total")
-    vsum = _metric(after, "outrider_verify_step_seconds_sum") - _metric(before, "outrider_verify_step_seconds_sum")
-    vcount = (_metric(after, "outrider_verify_step_seconds_count")
-              - _metric(before, "outrider_verify_step_seconds_count"))
-    dsum = _metric(after, "outrider_draft_step_seconds_sum") - _metric(before, "outrider_draft_step_seconds_sum")
-    dcount = _metric(after, "outrider_draft_step_seconds_count") - _metric(before, "outrider_draft_step_seconds_count")
-    tested, accepted = [], []
-    for j in range(1, max_positions + 1):
-        lab = f"position={j}"
-        tested.append(_metric(after, "outrider_spec_position_tested_total", lab)
-                      - _metric(before, "outrider_spec_position_tested_total", lab))
-        accepted.append(_metric(after, "outrider_spec_position_accepted_total", lab)
-                        - _metric(before, "outrider_spec_position_accepted_total", lab))
-    overlap = {o: _metric(after, "outrider_overlap_speculations_total", f"outcome={o}")
-               - _metric(before, "outrider_overlap_speculations_total", f"outcome={o}") for o in ("hit", "miss")}
-    captures = {role: _metric(after, "outrider_graph_captures_total", f"role={role}")
-                - _metric(before, "outrider_graph_captures_total", f"role={role}") for role in ("target", "draft")}
-    capture_s = {role: _metric(after, "outrider_graph_capture_seconds_total", f"role={role}")
-                 - _metric(before, "outrider_graph_capture_seconds_total", f"role={role}") for role in ("target", "draft")}
-    draft_wall = (_metric(after, "outrider_draft_propose_wall_seconds_total")
-                  - _metric(before, "outrider_draft_propose_wall_seconds_total"))
-    return {"engine_steps": steps, "verify_s_sum": vsum, "verify_count": vcount, "draft_s_sum": dsum,
-            "draft_count": dcount, "draft_propose_wall_s": draft_wall, "position_tested": tested,
-            "position_accepted": accepted, "overlap": overlap, "graph_captures": captures,
-            "graph_capture_s": capture_s}
+    def delta(name: str, labels: str | None = None) -> float:
+        return _metric(after, name, labels) - _metric(before, name, labels)
+
+    positions = [f"position={j}" for j in range(1, max_positions + 1)]
+    roles = ("target", "draft")
+    return {"engine_steps": delta("outrider_engine_steps_total"),
+            "verify_s_sum": delta("outrider_verify_step_seconds_sum"),
+            "verify_count": delta("outrider_verify_step_seconds_count"),
+            "draft_s_sum": delta("outrider_draft_step_seconds_sum"),
+            "draft_count": delta("outrider_draft_step_seconds_count"),
+            "draft_propose_wall_s": delta("outrider_draft_propose_wall_seconds_total"),
+            "position_tested": [delta("outrider_spec_position_tested_total", lab) for lab in positions],
+            "position_accepted": [delta("outrider_spec_position_accepted_total", lab) for lab in positions],
+            "overlap": {o: delta("outrider_overlap_speculations_total", f"outcome={o}") for o in ("hit", "miss")},
+            "graph_captures": {r: delta("outrider_graph_captures_total", f"role={r}") for r in roles},
+            "graph_capture_s": {r: delta("outrider_graph_capture_seconds_total", f"role={r}") for r in roles}}
 
 
 def _pct(values: list[float], q: float) -> float | None:
