@@ -142,6 +142,14 @@ class PagedKVCache:
         owned = len(state.block_table) if state else 0
         return self.blocks_needed(used + num_tokens) - owned <= self.num_free_blocks
 
+    def can_grow(self, num_tokens: dict[Hashable, int]) -> bool:
+        """Whether every listed sequence can take its ``num_tokens`` more entries at once."""
+        needed = 0
+        for req_id, n in num_tokens.items():
+            state = self._seqs[req_id]
+            needed += max(0, self.blocks_needed(self._total_len(state) + n) - len(state.block_table))
+        return needed <= self.num_free_blocks
+
     # ----------------------------------------------------------------- sequences
     def __contains__(self, req_id: Hashable) -> bool:
         return req_id in self._seqs

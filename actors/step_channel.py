@@ -17,6 +17,10 @@ Invariants:
   step never interleaves with a Ray call (``free``, ``kv_free_tokens``, ...) on the same worker;
 * the server keeps one client: a new authenticated connection replaces the old one (an engine
   that recovered from a fault reconnects; nothing of the old connection is answered after that);
+* ``after`` work (``StepChannelServer(..., after={method: fn})``) runs under the same lock once a
+  reply to ``method`` has been sent, before the next request is read: the worker's idle time while
+  the engine handles the reply (the target's run-ahead step). It must leave the worker consistent
+  whatever it raises; an exception there is logged, never sent;
 * every client receive has a deadline: silence raises ``TimeoutError``, a closed or reset
   connection ``PeerLostError``, a remote exception ``StepCallError`` carrying its type and message.
   After a ``TimeoutError`` the connection is closed: a late reply must never be read as the next one.
@@ -105,9 +109,11 @@ def _recv_token(sock: socket.socket, deadline: float) -> bytes:
 class StepChannelServer:
     """Serves ``methods`` of one worker to one client at a time, on a daemon thread."""
 
-    def __init__(self, host: str, methods: dict[str, Callable[..., Any]], lock: threading.RLock) -> None:
+    def __init__(self, host: str, methods: dict[str, Callable[..., Any]], lock: threading.RLock, *,
+                 after: dict[str, Callable[[], None]] | None = None) -> None:
         self.token = secrets.token_hex(16)
         self.methods, self.lock = dict(methods), lock
+        self.after = dict(after or {})
         self._listener = socket.create_server((host, 0))
         self.host, self.port = host, self._listener.getsockname()[1]
         self._client: socket.socket | None = None
@@ -168,6 +174,13 @@ class StepChannelServer:
                     _send(conn, ("error", type(exc).__name__, f"the reply could not be sent: {exc}"[:2000]))
                 except OSError:
                     break
+            follow = self.after.get(method) if reply[0] == "ok" else None
+            if follow is not None:
+                try:
+                    with self.lock:
+                        follow()
+                except Exception:  # noqa: BLE001 - the worker records what it could not finish
+                    log.exception("step channel: the work after %r failed", method)
         _close(conn)
 
     def close(self) -> None:

@@ -159,6 +159,10 @@ class ClusterConfig(BaseModel):
     fused_kernels: bool = Field(
         False, description="Fuse each layer's element-wise chains with torch.compile in the workers (experimental: "
         "compiled at each bucket's first step, captured in the CUDA graphs; not under tensor parallelism).")
+    run_ahead: bool = Field(
+        True, description="With the socket step transport and one target rank: while the engine handles a "
+                          "step's reply, the target already runs the next step when it expects a plain decode "
+                          "(no draft tokens, no arrivals); undone exactly when the engine asks otherwise.")
     step_transport: Literal["socket", "ray"] = Field(
         "socket", description="How the engine calls the target each step: socket (a direct connection to each "
                               "rank, no Ray task per step) or ray (an actor call per step).")

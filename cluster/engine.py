@@ -254,9 +254,11 @@ class Engine:
             draft_frees, self._draft_frees = self._draft_frees, []
             draft_args = (step_id, backlog + self._resync_stale() + new, {r: draft_ks[r] for r in draft_ids},
                           self._token_msgs, draft_frees, self._speculation_budget())
-        # the target sends this step's tokens to the draft only if the draft runs this step
-        args = (step_id, new, [r.req_id for r in running], draft_ids, frees, draft_args is not None)
         channels = self.workers.channels
+        # the target sends this step's tokens to the draft only if the draft runs this step; it runs
+        # the next step ahead when that is likely a plain decode (no drafting now, nobody waiting)
+        args = (step_id, new, [r.req_id for r in running], draft_ids, frees, draft_args is not None,
+                self._expect_plain_decode(draft_ids) if channels else False)
         draft_ref = None
         if channels:  # the draft first: the target waits for its proposals
             target_refs = None
@@ -293,6 +295,15 @@ class Engine:
             self._emit(r, res["token_ids"], now)
         self._observe_step(admitted, running, results, out, elapsed)
         self._publish_queue()
+
+    def _expect_plain_decode(self, draft_ids: list[int]) -> bool:
+        """Whether the step after this one is likely a plain decode of the running batch: run-ahead
+        is on, nothing drafts in this step (the policy keeps k = 0 for a while once it chose it) and
+        no request waits for admission. A wrong guess costs the target one undone step."""
+        if not self.config.run_ahead or draft_ids:
+            return False
+        with self._lock:
+            return not self.scheduler.waiting
 
     def _wait_target(self, target_refs: list, draft_ref) -> dict:
         """Wait for every target rank; a draft failure seen meanwhile restarts the draft at once."""
@@ -493,6 +504,7 @@ class Engine:
         self.metrics.on_step(decision, verify_s=out.get("forward_s"), outcomes=list(zip(proposed, accepted)),
                              step_s=elapsed)
         self.metrics.on_graph_captures("target", out.get("captures", 0), out.get("capture_s", 0.0))
+        self.metrics.on_run_ahead(int(bool(out.get("ran_ahead"))), out.get("ahead_discarded", 0))
 
     # ----------------------------------------------------------------- faults
     def _draft_lost(self, failure: WorkerFailure) -> None:

@@ -33,6 +33,7 @@ overlap_speculations_total{outcome}            counter    overlap: pre-drafted c
 draft_propose_wall_seconds_total               counter    draft proposals' wall time, catch-up prefills and captures included
 graph_captures_total{role}                     counter    CUDA graphs captured by a worker (role target|draft) while serving
 graph_capture_seconds_total{role}              counter    ... and the seconds they took (on the step's critical path)
+target_run_ahead_total{outcome}                counter    target steps run ahead: used (answered at once) or discarded
 draft_worker_up                                gauge      1 while the draft worker serves, else 0
 engine_steps_total                             counter    engine steps
 =============================================  =========  ==============================================
@@ -65,6 +66,7 @@ __all__ = ["CONTENT_TYPE", "KV_ROLES", "REQUEST_STATUSES", "EngineMetrics"]
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 REQUEST_STATUSES = ("finished", "aborted", "failed")
 KV_ROLES = ("target", "draft")
+RUN_AHEAD_OUTCOMES = ("used", "discarded")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -145,6 +147,10 @@ class EngineMetrics:
         self.graph_capture_seconds = Counter("outrider_graph_capture_seconds_total",
                                              "Seconds of those captures, spent on the step's critical path.",
                                              ["role"], registry=r)
+        self.run_ahead = Counter("outrider_target_run_ahead_total",
+                                 "Target steps run ahead while the engine handled the previous reply: used (the "
+                                 "engine's next step was that one) or discarded (undone; the step ran as usual).",
+                                 ["outcome"], registry=r)
         self.draft_up = Gauge("outrider_draft_worker_up", "1 while the draft worker serves, else 0.", registry=r)
         self.draft_link_rtt = Gauge("outrider_draft_link_round_trip_seconds",
                                     "Draft link: one proposal-sized message there and back, timed when it was formed.",
@@ -157,6 +163,8 @@ class EngineMetrics:
             self.kv_usage.labels(role=role).set(0.0)
             self.graph_captures.labels(role=role)
             self.graph_capture_seconds.labels(role=role)
+        for outcome in RUN_AHEAD_OUTCOMES:
+            self.run_ahead.labels(outcome=outcome)
 
     # ------------------------------------------------------------------ engine calls
 
@@ -206,6 +214,13 @@ class EngineMetrics:
         if count:
             self.graph_captures.labels(role=role).inc(count)
             self.graph_capture_seconds.labels(role=role).inc(max(0.0, seconds))
+
+    def on_run_ahead(self, used: int, discarded: int) -> None:
+        """The target's reply said its step was run ahead (``used``) or a run-ahead was undone."""
+        if used:
+            self.run_ahead.labels(outcome="used").inc(used)
+        if discarded:
+            self.run_ahead.labels(outcome="discarded").inc(discarded)
 
     def on_step(self, decision=None, *, verify_s: float | None = None, draft_s: float | None = None,
                 outcomes: Iterable[tuple[int, int]] = (), step_s: float | None = None) -> None:

@@ -295,6 +295,24 @@ def test_step_transport_both_gives_each_transport_its_own_baseline(ray_local, ch
         tiny_config(checkpoint, tmp_path, step_transport="grpc").validate()
 
 
+def test_run_ahead_both_gives_each_setting_its_own_row_and_baseline(ray_local, checkpoint, tmp_path):
+    """--run-ahead both: cluster-target-only without and with the target running steps ahead, each
+    its own baseline, both greedy-identical; the per-rep metrics count the steps run ahead."""
+    results = run_bench(tiny_config(checkpoint, tmp_path, scenarios=["cluster-target-only"], concurrency=[1],
+                                    run_ahead="both", max_tokens=12, plots=False))
+    assert results["errors"] == []
+    rows = {r["run_ahead"]: r for r in results["models"][0]["rows"]}
+    assert set(rows) == {False, True}
+    assert all(r["greedy"]["mismatched_requests"] == 0 for r in rows.values())
+    assert all(rep["metrics"]["run_ahead"]["used"] > 0 for rep in rows[True]["reps"])
+    assert all(rep["metrics"]["run_ahead"]["used"] == 0 for rep in rows[False]["reps"])
+    md = (tmp_path / "results.md").read_text()
+    assert "cluster-target-only [no run-ahead]" in md
+    assert md.count("| 1.00× |") >= 2
+    with pytest.raises(ValueError, match="run_ahead must be on, off or both"):
+        tiny_config(checkpoint, tmp_path, run_ahead="yes").validate()
+
+
 def test_draft_link_both_runs_separate_rows_per_link(ray_local, checkpoint, tmp_path):
     """--draft-link both: each separate-GPU row once with the automatic link and once forced to gloo
     (both gloo on CPU), each reporting the link's measured round trip; other rows run once."""

@@ -187,6 +187,9 @@ def test_idle_draft_catches_up_after_many_steps_without_drafting(ray_local, chec
         assert out.token_ids == want
         lengths = out.stats["accepted_lengths"]
         assert set(lengths[:25]) == {1} and max(lengths) > 1  # drafting resumed and was accepted
+        # k = 0 steps ran ahead on the target; the first drafting step after them undid one
+        assert cluster.engine.metrics.get("outrider_target_run_ahead_total", outcome="used") > 10
+        assert cluster.engine.metrics.get("outrider_target_run_ahead_total", outcome="discarded") >= 1
 
 
 def test_arrivals_reach_the_draft_only_when_drafting_resumes(ray_local, checkpoints, target_model):
@@ -230,9 +233,28 @@ def test_arrivals_reach_the_draft_only_when_drafting_resumes(ray_local, checkpoi
 def test_target_only_and_late_arrivals(ray_local, checkpoints, target_model):
     prompts, params = make_prompts(), greedy_params(6)
     with Cluster.start(config(checkpoints[0], draft="none")) as cluster:
+        before = cluster.kv_free_tokens()
         got = run_concurrently(cluster, prompts, params, stagger_s=0.1)
         assert [o.token_ids for o in got] == expected(target_model, prompts, params)
         assert set(cluster.kv_free_tokens()) == {"target"}
+        assert cluster.engine.metrics.get("outrider_target_run_ahead_total", outcome="used") > 10
+        assert cluster.wait_idle(30)
+        assert cluster.kv_free_tokens() == before  # nothing a run-ahead took is left behind
+
+
+def test_seeded_sampling_is_the_same_with_and_without_run_ahead(ray_local, checkpoints):
+    """Target-only with seeded sampling and staggered arrivals: the outputs do not depend on
+    whether the target ran steps ahead (an undone run-ahead restores each request's sampler)."""
+    prompts = make_prompts()
+    params = [SamplingParams(temperature=0.9, top_k=50, max_tokens=m, seed=100 + i)
+              for i, m in enumerate((24, 3, 30, 12, 40, 7))]
+    outputs = {}
+    for run_ahead in (True, False):
+        with Cluster.start(config(checkpoints[0], draft="none", run_ahead=run_ahead)) as cluster:
+            outputs[run_ahead] = [o.token_ids for o in run_concurrently(cluster, prompts, params, stagger_s=0.05)]
+            used = cluster.engine.metrics.get("outrider_target_run_ahead_total", outcome="used")
+            assert (used > 10) if run_ahead else (used == 0)
+    assert outputs[True] == outputs[False]
 
 
 def test_tensor_parallel_target_with_a_draft(ray_local, checkpoints, target_model):

@@ -11,6 +11,7 @@ import pytest
 
 from actors.step_channel import StepCallError, StepChannel, StepChannelServer
 from actors.transport import PeerLostError
+from tests.conftest import wait_for
 
 
 class Worker:
@@ -143,3 +144,40 @@ def test_wrong_token_is_refused_before_anything_is_unpickled(served):
             pass  # closed with unread data: a reset, equally a refusal
     assert w.calls == []
     assert connect(server).call("step", 1, timeout_s=5)["sum"] == 1  # still serving
+
+
+def test_after_work_runs_under_the_lock_once_the_reply_is_out_and_its_failure_is_contained(caplog):
+    """``after={method: fn}``: fn runs after the reply to ``method`` was sent (the client already
+    holds it while fn still runs), under the worker's lock, before the next request is read; a
+    failing fn is logged and the channel keeps serving. A method that raised gets no after work."""
+    w = Worker()
+    started, release, events = threading.Event(), threading.Event(), []
+
+    def after_step():
+        events.append(("after", w.lock._is_owned(), len(w.calls)))
+        started.set()
+        release.wait(10)
+        if len(w.calls) == 2:
+            raise ValueError("after went wrong")
+
+    server = StepChannelServer("127.0.0.1", {"step": w.step, "boom": w.boom}, w.lock,
+                               after={"step": after_step, "boom": after_step})
+    try:
+        ch = connect(server)
+        assert ch.call("step", 1, timeout_s=5)["sum"] == 1  # answered while after_step waits
+        assert started.wait(5) and events == [("after", True, 1)]
+        ch.send("step", 2)
+        time.sleep(0.05)
+        assert w.calls == [(1, 0)]  # the next request waits for the after work
+        release.set()
+        assert ch.recv(5)["sum"] == 2
+        with caplog.at_level("ERROR", logger="outrider.step_channel"):
+            with pytest.raises(StepCallError):
+                ch.call("boom", timeout_s=5)
+            assert ch.call("step", 3, timeout_s=5)["sum"] == 3
+        assert "after went wrong" in caplog.text
+        assert wait_for(lambda: len(events) == 3, 5)
+        assert [e[2] for e in events] == [1, 2, 3]  # not after the failed boom
+    finally:
+        release.set()
+        server.close()

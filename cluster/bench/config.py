@@ -30,6 +30,7 @@ class BenchConfig:
     num_draft_tokens: int = 4
     adaptive: str = "off"  # cluster speculation length: off (fixed k) | on | both
     step_transport: str = "socket"  # how the cluster rows' engine calls its workers: socket | ray | both
+    run_ahead: str = "on"  # cluster rows: the target runs plain decode steps ahead (on | off | both)
     fused_kernels: bool = False  # layers' element-wise chains fused by torch.compile (ours and cluster rows)
     draft_link: str = "auto"  # separate-GPU rows' draft link: auto (NCCL between GPUs) | gloo | both
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
@@ -76,6 +77,8 @@ class BenchConfig:
             raise ValueError(f"adaptive must be off, on or both, got {self.adaptive!r}")
         if self.draft_link not in ("auto", "gloo", "both"):
             raise ValueError(f"draft_link must be auto, gloo or both, got {self.draft_link!r}")
+        if self.run_ahead not in ("on", "off", "both"):
+            raise ValueError(f"run_ahead must be on, off or both, got {self.run_ahead!r}")
         if self.step_transport not in ("socket", "ray", "both"):
             raise ValueError(f"step_transport must be socket, ray or both, got {self.step_transport!r}")
         for name, value in (("repetitions", self.repetitions), ("max_tokens", self.max_tokens),

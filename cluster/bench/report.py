@@ -82,6 +82,8 @@ def row_name(row: dict) -> str:
         name += " adaptive" if row["adaptive"] else " fixed-k"
     if row.get("step_transport") == "ray":
         name += " [Ray call per step]"
+    if row.get("run_ahead") is False:
+        name += " [no run-ahead]"
     if row.get("draft_link") == "gloo" and row["scenario"].startswith("cluster-separate"):
         name += " [gloo link]"
     if row.get("emulated_alpha") is not None:
@@ -101,7 +103,8 @@ def _baseline(models: list[dict], model: dict, row: dict) -> float | None:
     for m in [model] + [x for x in models if x is not model and x["path"] == model["path"]]:
         for other in m["rows"]:
             if (other["scenario"] == want and other["concurrency"] == row["concurrency"]
-                    and other.get("step_transport") == row.get("step_transport")):
+                    and other.get("step_transport") == row.get("step_transport")
+                    and other.get("run_ahead", True) == row.get("run_ahead", True)):
                 return other["tok_s"]["median"]
     return None
 

@@ -483,11 +483,11 @@ class BenchRun:
         return row
 
     def _add_arrival_row(self, model_rec, scenario, draft, k, adaptive, rate, meas, reqs, schedule, *,
-                         max_running: int, step_transport: str | None = None) -> dict:
+                         max_running: int, step_transport: str | None = None, run_ahead: bool = True) -> dict:
         cfg = self.config
         reps = meas["reps"]
         row = {"scenario": scenario, "draft": draft, "k": k, "adaptive": adaptive, "rate_rps": rate,
-               "step_transport": step_transport,
+               "step_transport": step_transport, "run_ahead": run_ahead,
                "arrival": "poisson" if cfg.arrival_cv == 1.0 else f"gamma cv={cfg.arrival_cv:g}",
                "arrival_cv": cfg.arrival_cv, "seed": cfg.seed, "requests": len(reqs), "schedule_s": schedule,
                # the sample's own rate: a few dozen seeded gaps stray from the nominal one
@@ -699,6 +699,7 @@ class BenchRun:
         adaptive_modes = {"off": [False], "on": [True], "both": [False, True]}[cfg.adaptive]
         transports = {"socket": ["socket"], "ray": ["ray"], "both": ["ray", "socket"]}[cfg.step_transport]
         links = {"auto": ["auto"], "gloo": ["gloo"], "both": ["auto", "gloo"]}[cfg.draft_link]
+        run_aheads = {"on": [True], "off": [False], "both": [False, True]}[cfg.run_ahead]
         cost_table = cfg.cluster_cost_table
         if cost_table == "measured":
             cost_table = model_rec.get("cost_table_file")
@@ -723,11 +724,12 @@ class BenchRun:
                 self._skip(f"{label} {scenario}", f"needs >= 2 GPUs, the Ray cluster has {gpus}")
                 continue
             row_links = links if scenario.startswith("cluster-separate") else ["auto"]
-            for transport, adaptive, link in itertools.product(transports, adaptive_modes if uses_draft else [None],
-                                                               row_links):
+            for transport, adaptive, link, ahead in itertools.product(
+                    transports, adaptive_modes if uses_draft else [None], row_links, run_aheads):
                 what = (f"{label} {scenario}" + ("" if adaptive is None else f" adaptive={'on' if adaptive else 'off'}")
                         + (f" step_transport={transport}" if len(transports) > 1 else "")
-                        + (f" draft_link={link}" if len(row_links) > 1 else ""))
+                        + (f" draft_link={link}" if len(row_links) > 1 else "")
+                        + (f" run_ahead={'on' if ahead else 'off'}" if len(run_aheads) > 1 else ""))
                 if not self._time_ok(what):
                     continue
                 fields = {"target": str(path), "draft": draft if uses_draft else "none", "num_draft_tokens": k,
@@ -735,7 +737,7 @@ class BenchRun:
                           "kv_budget_tokens": kv_tokens, "max_running": cmax, "max_waiting": max(256, 4 * cmax),
                           "cpus_per_worker": cfg.cpus_per_worker, "num_gpus": cfg.num_gpus,
                           "step_timeout_s": 120.0, "start_timeout_s": 300.0, "step_transport": transport,
-                          "fused_kernels": cfg.fused_kernels, "draft_link": link, **layout}
+                          "fused_kernels": cfg.fused_kernels, "draft_link": link, "run_ahead": ahead, **layout}
                 if uses_draft and oracle_file is not None:
                     fields["oracle_continuations"] = str(oracle_file)
                 if uses_draft and cost_table is not None:
@@ -760,6 +762,7 @@ class BenchRun:
                                           meas, reqs, encoded,
                                           extra={"cluster_start_s": start_s, "placement": placement,
                                                  "workers": devices, "step_transport": transport,
+                                                 "run_ahead": ahead,
                                                  "draft_link": cluster.workers.link_backend,
                                                  "draft_link_rtt_ms": None if cluster.workers.link_rtt_s is None
                                                  else 1e3 * cluster.workers.link_rtt_s})
@@ -776,7 +779,7 @@ class BenchRun:
                                                    max_positions=max(k, 1))
                             self._add_arrival_row(model_rec, scenario, fields["draft"], k if uses_draft else 0,
                                                   adaptive, rate, meas, reqs, schedule, max_running=cmax,
-                                                  step_transport=transport)
+                                                  step_transport=transport, run_ahead=ahead)
                 except Exception as exc:  # noqa: BLE001
                     self._error(what, exc)
         if oracle_file is not None:

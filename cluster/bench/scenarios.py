@@ -259,7 +259,8 @@ def _metric_delta(before: dict, after: dict, max_positions: int) -> dict:
             "position_accepted": [delta("outrider_spec_position_accepted_total", lab) for lab in positions],
             "overlap": {o: delta("outrider_overlap_speculations_total", f"outcome={o}") for o in ("hit", "miss")},
             "graph_captures": {r: delta("outrider_graph_captures_total", f"role={r}") for r in roles},
-            "graph_capture_s": {r: delta("outrider_graph_capture_seconds_total", f"role={r}") for r in roles}}
+            "graph_capture_s": {r: delta("outrider_graph_capture_seconds_total", f"role={r}") for r in roles},
+            "run_ahead": {o: delta("outrider_target_run_ahead_total", f"outcome={o}") for o in ("used", "discarded")}}
 
 
 def _pct(values: list[float], q: float) -> float | None:
