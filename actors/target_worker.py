@@ -32,15 +32,10 @@ Step channel: ``open_step_channel`` serves ``step`` and ``free`` over a socket
 that touches the cache or the links holds one lock, so a channel call and a Ray call on the same
 worker never interleave.
 
-Running ahead (async scheduling, one step deep): when the engine marks a step ``run_ahead`` (it
-expects the next one to be a plain decode: no draft tokens, no arrivals), the worker, once that
-step's reply is on the channel, runs the next step itself — every request it holds decodes its
-last emitted token — while the engine handles the reply. If the engine's next call is that step
-(no new requests, no proposals, no tokens to send to the draft, its requests those of the
-run-ahead less ones it frees), the stored reply is returned at once; otherwise the run-ahead is
-undone exactly (each request's token and KV entry dropped, its sampling generator's state
-restored) and the call runs as usual. Outputs therefore never depend on whether a step ran ahead.
-Only a single-rank target runs ahead, and only over the step channel.
+Running ahead (async scheduling): when the engine marks a step ``run_ahead`` (it expects the
+next one to be a plain decode), the worker runs that next step once the reply is on the step
+channel, pipelined on the device when every request is greedy; a matching call is answered at
+once, any other undoes it exactly (``actors/run_ahead.py``). Single-rank targets, step channel only.
 """
 
 from __future__ import annotations
@@ -52,6 +47,7 @@ import time
 
 import torch
 
+from actors.run_ahead import RunAhead
 from actors.spec.sampling import make_generator
 from actors.spec.types import Proposal, SamplingParams
 from actors.spec.verify import verify_batch
@@ -109,9 +105,7 @@ class TargetWorker:
         self._params: dict[int, SamplingParams] = {}
         self._generators: dict[int, torch.Generator | None] = {}
         self._ahead_wanted = False  # the engine expects the next step to be a plain decode
-        self._ahead: dict | None = None  # the run-ahead step: its reply and how to undo it
-        self._ahead_stats = {"used": 0, "discarded": 0}
-        self._broken: str | None = None  # a run-ahead failed half-way: the next step says so
+        self.ahead = RunAhead(self)
         if tp_size == 1:
             self._load(None)
 
@@ -183,23 +177,13 @@ class TargetWorker:
 
         ``run_ahead``: the engine expects the next step to be a plain decode of every running
         request; the worker may run it once this reply is sent (``run_ahead``, the method)."""
-        if self._broken is not None:
-            raise RuntimeError(self._broken)
-        discarded = 0
-        if self._ahead is not None:
-            ahead, self._ahead = self._ahead, None
-            if self._ahead_matches(ahead, new, req_ids, draft_req_ids, free_ids, send_tokens):
-                self.free(free_ids)
-                self._ahead_stats["used"] += 1
-                self._ahead_wanted = run_ahead and self.tp_size == 1
-                reply = dict(ahead["reply"])
-                reply["results"] = {r: reply["results"][r] for r in req_ids}
-                reply["ran_ahead"] = True
-                return reply
-            self._undo_ahead(ahead)
-            self._ahead_stats["discarded"] += 1
-            discarded = 1
+        if self.ahead.broken is not None:
+            raise RuntimeError(self.ahead.broken)
         self._ahead_wanted = run_ahead and self.tp_size == 1
+        reply, discarded = self.ahead.take(new, req_ids, draft_req_ids, free_ids, send_tokens)
+        if reply is not None:
+            self.free(free_ids)
+            return reply
         reply = self._step(step_id, new, req_ids, draft_req_ids, free_ids, send_tokens)
         if discarded:
             reply["ahead_discarded"] = discarded
@@ -254,59 +238,21 @@ class TargetWorker:
         return reply
 
     @_locked
-    @torch.inference_mode()
     def run_ahead(self) -> None:
-        """Run the next step now if the engine asked for it (the step channel calls this once a
-        step's reply is sent): every request held decodes its last token; the reply waits for the
-        engine's matching call. Skipped when a request is at the model's context or the cache
-        cannot hold one more entry for every request. A failure half-way leaves the worker
-        refusing steps (``_broken``), so the engine restarts it rather than trust its state."""
-        if not self._ahead_wanted or self._ahead is not None or self.tp_size != 1:
-            return
-        self._ahead_wanted = False
-        ids = list(self._tokens)
-        if not ids or any(len(self._tokens[r]) >= self.model.config.max_context for r in ids):
-            return
-        if not self.cache.can_grow({r: 1 for r in ids}):
-            return
-        undo = {r: (None if (g := self._generators[r]) is None else g.get_state()) for r in ids}
-        try:
-            reply = self._step(-1, [], ids, [], [], send_tokens=False)
-        except Exception as exc:
-            self._broken = f"the run-ahead step failed ({type(exc).__name__}: {exc}); the worker's state is unknown"
-            raise
-        self._ahead = {"reply": reply, "ids": ids, "undo": undo}
+        """The step channel's work once a step's reply is sent: run the next step ahead if the
+        engine asked for it (``actors/run_ahead.py``)."""
+        if self.tp_size == 1:
+            wanted, self._ahead_wanted = self._ahead_wanted, False
+            self.ahead.after_reply(wanted)
 
     def run_ahead_stats(self) -> dict:
-        """{"used": steps answered from a run-ahead, "discarded": run-aheads undone}."""
-        return dict(self._ahead_stats)
-
-    def _ahead_matches(self, ahead: dict, new: list, req_ids: list[int], draft_req_ids: list[int],
-                       free_ids: list[int], send_tokens: bool) -> bool:
-        if new or draft_req_ids or (send_tokens and self.link is not None):
-            return False
-        ran, wanted = set(ahead["ids"]), set(req_ids)
-        return wanted <= ran and ran - wanted <= set(free_ids)
-
-    def _undo_ahead(self, ahead: dict) -> None:
-        """Drop the run-ahead's token and KV entry of every request still held; restore its sampler."""
-        for req_id, state in ahead["undo"].items():
-            if req_id not in self._tokens:
-                continue  # freed since
-            self._tokens[req_id].pop()
-            self.cache.truncate(req_id, self.cache.seq_len(req_id) - 1)
-            if state is not None:
-                self._generators[req_id].set_state(state)
+        """{"used": steps answered from a run-ahead, "discarded": run-aheads undone, "pipelined":
+        steps launched from the previous one's tokens on the device}."""
+        return dict(self.ahead.stats)
 
     @_locked
     def free(self, req_ids: list[int]) -> None:
-        if self._ahead is not None and req_ids:  # a freed request is no longer part of the run-ahead
-            gone = set(req_ids)
-            self._ahead["ids"] = [r for r in self._ahead["ids"] if r not in gone]
-            for req_id in gone:
-                self._ahead["undo"].pop(req_id, None)
-            if not self._ahead["ids"]:
-                self._ahead = None
+        self.ahead.forget(req_ids)
         for req_id in req_ids:
             if self.cache is not None and req_id in self.cache:
                 self.cache.free(req_id)

@@ -50,9 +50,26 @@ SCRIPT = [
 ]
 
 
-def drive(worker, run_ahead: bool) -> list[dict]:
+# greedy only: run-ahead steps pipeline (the next launched from the device tokens before the read)
+GREEDY_SCRIPT = [
+    ([(1, [5, 6, 7], GREEDY), (2, [8, 9], GREEDY)], [], [], []),
+    *[([], [1, 2], [], [])] * 3,
+    ([(3, [10, 11, 12, 13], GREEDY)], [1, 2], [], []),  # an arrival: in-flight and stored steps undone
+    *[([], [1, 2, 3], [], [])] * 3,
+    ([], [1, 3], [], [2]),  # freed on the step: the in-flight step skips it when read
+    *[([], [1, 3], [], [])] * 2,
+    ("free", [3]),  # freed between steps
+    *[([], [1], [], [])] * 2,
+    ([], [1], [1], []),  # drafting: undone
+    *[([], [1], [], [])] * 2,
+    ([(4, [3] * 30, GREEDY)], [1], [], []),
+    *[([], [1, 4], [], [])] * 9,  # request 4 reaches the context with a step in flight
+]
+
+
+def drive(worker, run_ahead: bool, script=SCRIPT) -> list[dict]:
     replies = []
-    for i, entry in enumerate(SCRIPT):
+    for i, entry in enumerate(script):
         if entry[0] == "free":
             worker.free(entry[1])
             continue
@@ -70,29 +87,50 @@ def test_run_ahead_replies_equal_plain_steps_and_undo_is_exact(checkpoint):
     assert [r["results"] for r in got] == [r["results"] for r in want]
     used = [i for i, r in enumerate(got) if r.get("ran_ahead")]
     discarded = [i for i, r in enumerate(got) if r.get("ahead_discarded")]
-    assert ahead.run_ahead_stats() == {"used": len(used), "discarded": len(discarded)}
+    stats = ahead.run_ahead_stats()
+    assert (stats["used"], stats["discarded"]) == (len(used), len(discarded))
     assert len(used) >= 10
     assert discarded == [4, 9, 13]  # the arrival, the drafting step, the next arrival
     assert 7 in used and 12 in used  # frees on the step and between steps keep the run-ahead
-    assert not any(r.get("ran_ahead") for r in want) and plain.run_ahead_stats() == {"used": 0, "discarded": 0}
+    assert not any(r.get("ran_ahead") for r in want) and plain.run_ahead_stats() == {"used": 0, "discarded": 0, "pipelined": 0}
     # request 4 reached the context (40 tokens) at the last step, so nothing was run ahead after it
-    assert ahead._ahead is None
+    assert ahead.ahead.ahead is None and ahead.ahead.inflight is None
     for worker in (plain, ahead):
         worker.free([1, 4])
         assert worker.kv_free_tokens() == free and worker.num_requests() == 0
 
 
-def test_a_step_not_asked_to_run_ahead_is_never_run_ahead(checkpoint):
+def test_pipelined_greedy_run_ahead_equals_plain_steps(checkpoint):
+    plain, ahead = (TargetWorker(checkpoint, kv_budget_tokens=256, device="cpu") for _ in range(2))
+    free = plain.kv_free_tokens()
+    want, got = drive(plain, False, GREEDY_SCRIPT), drive(ahead, True, GREEDY_SCRIPT)
+    assert [r["results"] for r in got] == [r["results"] for r in want]
+    stats = ahead.run_ahead_stats()
+    assert [i for i, r in enumerate(got) if r.get("ahead_discarded")] == [4, 13, 16]
+    assert stats["used"] >= 20 and stats["pipelined"] >= 15
+    assert all(r["forward_s"] is None or r["forward_s"] >= 0 for r in got)
+    assert ahead.ahead.ahead is None and ahead.ahead.inflight is None  # at the context: nothing ran ahead
+    for worker in (plain, ahead):
+        worker.free([1, 4])
+        assert worker.kv_free_tokens() == free and worker.num_requests() == 0
+
+
+def test_a_step_not_asked_to_run_ahead_launches_nothing_more(checkpoint):
+    """Greedy requests pipeline: the run-ahead step is read back and the one after it is already
+    launched. A step not asked to run ahead launches nothing new; the launched one is still read
+    back (its work is done) and answers the next call if that is the step."""
     worker = TargetWorker(checkpoint, kv_budget_tokens=128, device="cpu")
     worker.step(0, [(1, [5, 6, 7], GREEDY)], [], [], [], False, True)
     worker.run_ahead()
-    assert worker._ahead is not None
-    reply = worker.step(1, [], [1], [], [], False, False)  # used, but no further run-ahead asked
-    assert reply.get("ran_ahead")
+    assert worker.ahead.ahead is not None and worker.ahead.inflight is not None
+    assert worker.step(1, [], [1], [], [], False, False).get("ran_ahead")
     worker.run_ahead()
-    assert worker._ahead is None
-    # a step whose tokens go to a draft link is never answered from a run-ahead: covered by
-    # _ahead_matches (send_tokens with a link), which needs a link and is exercised in test_cluster
+    assert worker.ahead.ahead is not None and worker.ahead.inflight is None
+    assert worker.step(2, [], [1], [], [], False, False).get("ran_ahead")
+    worker.run_ahead()
+    assert worker.ahead.ahead is None
+    assert worker.run_ahead_stats() == {"used": 2, "discarded": 0, "pipelined": 1}
+    assert not worker.step(3, [], [1], [], [], False, False).get("ran_ahead")
 
 
 def test_a_failed_run_ahead_fails_the_next_step_loudly(checkpoint):
