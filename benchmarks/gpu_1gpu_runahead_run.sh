@@ -10,6 +10,9 @@
 # UNFUSED=1 drops --fused-kernels. Budget: ~1.5 + 1.5 + 4 minutes. Results: $OUT/results.tgz.
 source benchmarks/gpu_common.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/run/gpu.txt"
+stamp "run-ahead tests on the GPU (CUDA graphs, device-fed pipelined steps)"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_run_ahead.py > "$OUT/run/test_run_ahead.txt" 2>&1
+tail -3 "$OUT/run/test_run_ahead.txt"
 extra=(--fused-kernels); [ "${UNFUSED:-0}" = 1 ] && extra=()
 common=(--prompts /tmp/demo/specbench-dev.jsonl --tokenizer /tmp/demo/tokenizer --categories writing,summarization
         --max-tokens 48 --repetitions 3 --shape-dir /tmp/shapes --no-plots "${extra[@]}")

@@ -10,12 +10,17 @@ makes the next step fail loudly instead of serving from an unknown state.
 """
 
 import pytest
+import torch
 
 from actors.spec.types import SamplingParams
 from actors.target_worker import TargetWorker
 from tests.tiny_models import write_tiny_checkpoint
 
 GREEDY = SamplingParams(max_tokens=64)
+# on a GPU the same scripts run through CUDA graphs (the device-fed input written into a graph's
+# static buffer); CI has none
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                   reason="needs a CUDA device"))]
 
 
 def sampled(seed):
@@ -80,8 +85,9 @@ def drive(worker, run_ahead: bool, script=SCRIPT) -> list[dict]:
     return replies
 
 
-def test_run_ahead_replies_equal_plain_steps_and_undo_is_exact(checkpoint):
-    plain, ahead = (TargetWorker(checkpoint, kv_budget_tokens=256, device="cpu") for _ in range(2))
+@pytest.mark.parametrize("device", DEVICES)
+def test_run_ahead_replies_equal_plain_steps_and_undo_is_exact(checkpoint, device):
+    plain, ahead = (TargetWorker(checkpoint, kv_budget_tokens=256, device=device) for _ in range(2))
     free = plain.kv_free_tokens()
     want, got = drive(plain, False), drive(ahead, True)
     assert [r["results"] for r in got] == [r["results"] for r in want]
@@ -100,8 +106,9 @@ def test_run_ahead_replies_equal_plain_steps_and_undo_is_exact(checkpoint):
         assert worker.kv_free_tokens() == free and worker.num_requests() == 0
 
 
-def test_pipelined_greedy_run_ahead_equals_plain_steps(checkpoint):
-    plain, ahead = (TargetWorker(checkpoint, kv_budget_tokens=256, device="cpu") for _ in range(2))
+@pytest.mark.parametrize("device", DEVICES)
+def test_pipelined_greedy_run_ahead_equals_plain_steps(checkpoint, device):
+    plain, ahead = (TargetWorker(checkpoint, kv_budget_tokens=256, device=device) for _ in range(2))
     free = plain.kv_free_tokens()
     want, got = drive(plain, False, GREEDY_SCRIPT), drive(ahead, True, GREEDY_SCRIPT)
     assert [r["results"] for r in got] == [r["results"] for r in want]
