@@ -36,7 +36,8 @@ class RunAhead:
     def __init__(self, worker) -> None:
         self.w = worker
         self.ahead: dict | None = None  # {"reply", "ids", "undo": {req_id: sampler state or None}}
-        self.inflight: dict | None = None  # {"ids", "tokens" (device), "launched", "captures", "capture_s"}
+        # {"ids", "tokens" (device), "host" (their copy, pinned on CUDA), "ready" (its event), "launched", ...}
+        self.inflight: dict | None = None
         self.stats = {"used": 0, "discarded": 0, "pipelined": 0}
         self.broken: str | None = None
         self._last_read: float | None = None
@@ -125,9 +126,15 @@ class RunAhead:
         if feed is not None:
             batch.input_ids[batch.q_index[: len(ids), 0]] = feed
         tokens = runner.forward(batch)[: len(ids)].argmax(dim=-1)
+        host, ready = tokens, None
+        if tokens.device.type == "cuda":  # queued now, so reading them back never waits for a later launch
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
         for r in ids:
             cache.commit(r, [0])  # the bookkeeping only: a prefix keeps its slots, no copy
-        return {"ids": ids, "tokens": tokens, "launched": launched,
+        return {"ids": ids, "tokens": tokens, "host": host, "ready": ready, "launched": launched,
                 "captures": runner.stats["captures"] - captures, "capture_s": runner.stats["capture_s"] - capture_s}
 
     def _launch_after(self, current: dict) -> dict | None:
@@ -146,7 +153,9 @@ class RunAhead:
     def _read(self, launched: dict) -> dict:
         """Wait for a launched step's tokens, record them and build its reply (the stored step)."""
         w = self.w
-        tokens = launched["tokens"].tolist()
+        if launched["ready"] is not None:
+            launched["ready"].synchronize()  # this step's tokens only, not the step launched after it
+        tokens = launched["host"].tolist()
         now = time.perf_counter()
         ids = [r for r in launched["ids"] if r in w._tokens]
         emitted = {r: [t] for r, t in zip(launched["ids"], tokens) if r in w._tokens}
