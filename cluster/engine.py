@@ -244,10 +244,12 @@ class Engine:
         draft_args = None
         if self.workers.draft is not None:
             self._draft_frees += frees
-        if self._draft_up and (draft_ids or self._draft_backlog or (new and not running)):
+        if self._draft_up and (draft_ids or self._draft_backlog
+                               or (new and not running and self.policy.expects_drafting(len(new)))):
             # with nothing to draft (k = 0 for all) the draft sits the step out. New prompts go to the
             # draft with the step's proposals, or when nothing else runs (a first request: its draft
-            # prefill overlaps the target's); while speculation is off for a running batch they wait
+            # prefill overlaps the target's) unless the policy's latest decision for a batch of their
+            # size was "off"; while speculation is off for a running batch they wait
             # (marked stale below, handed over whole at the next draft call), so a colocated draft
             # does not prefill every arrival on the target's GPU for nothing.
             backlog, self._draft_backlog = self._draft_backlog, []

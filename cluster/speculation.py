@@ -18,7 +18,8 @@ the limit, triggers a fresh one. A decision that turned speculation off (k = 0 f
 is reused for any running set of at least ``REUSE_OFF_FROM`` requests in the same power-of-two
 size class, for up to ``REDECIDE_OFF_EVERY`` steps: under load requests come and go nearly every
 step, and re-deciding "off" each time cost the engine more than the decision is worth (a request
-the decision does not name gets k = 0).
+the decision does not name gets k = 0). ``expects_drafting`` remembers, per size class, whether
+the latest fresh decision was "off", so arrivals at an idle engine skip the draft's prefill then.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class SpeculationControl:
             self.policy = FixedPolicy(k, self.estimator, self.costs, overlap=overlap)
         self._last: tuple[tuple, SpecDecision] | None = None
         self._reused = 0
+        self._off_by_class: dict[int, bool] = {}  # size class -> its latest fresh decision was "off"
 
     def choose(self, req_ids: Sequence[Hashable], caps: Mapping[Hashable, int]) -> SpecDecision:
         key = tuple(req_ids)
@@ -74,7 +76,18 @@ class SpeculationControl:
                 return last
         decision = self.policy.choose(req_ids, caps)
         self._last, self._reused = (key, decision), 0
+        if key:
+            self._off_by_class[_size_class(len(key))] = (not any(decision.per_request.values())
+                                                         and decision.reason_code == "goodput")
         return decision
+
+    def expects_drafting(self, batch_size: int) -> bool:
+        """Whether a batch of this size is likely to draft: False only when the latest fresh
+        decision for its size class turned speculation off for goodput. The engine asks before
+        sending arrivals to an otherwise idle draft: a colocated draft's prefill of a batch that
+        will not draft costs the target's GPU for nothing (the prompts still reach the draft, whole,
+        with the first step that drafts)."""
+        return not self._off_by_class.get(_size_class(batch_size), False)
 
     def observe_verdict(self, req_id: Hashable, num_proposed: int, num_accepted: int) -> None:
         if num_proposed > 0:

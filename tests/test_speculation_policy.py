@@ -408,3 +408,21 @@ def test_control_keeps_speculation_off_across_arrivals_in_the_same_size_class():
     control.choose(small, {})
     control.choose([s + 1000 for s in small], {})
     assert control.policy.calls == 5  # small batches re-decide on every change
+
+
+def test_control_says_which_batch_sizes_are_expected_to_draft():
+    """Arrivals at an idle engine skip the draft's prefill only where the latest fresh decision for
+    their size class turned speculation off for goodput; unknown sizes and fixed k expect drafting."""
+    control = _control(0)
+    assert control.expects_drafting(8)  # nothing decided yet
+    control.choose(list(range(8)), {})
+    assert not control.expects_drafting(8) and not control.expects_drafting(5)  # class 5-8
+    assert control.expects_drafting(9) and control.expects_drafting(1)
+    control.policy = _CountingPolicy(2)
+    control.forget(0)  # a finished request: the next decision is fresh (an "off" one is reused otherwise)
+    control.choose(list(range(100, 106)), {})
+    assert control.expects_drafting(8)  # the class's latest decision drafts again
+    fixed = _control(0)
+    fixed.policy.choose = lambda ids, caps: SpecDecision(0, dict.fromkeys(ids, 0), len(ids), (), "k = 0", "fixed")
+    fixed.choose([1, 2], {})
+    assert fixed.expects_drafting(2)  # only a goodput decision turns the prefill off
