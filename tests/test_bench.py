@@ -345,6 +345,24 @@ def test_report_names_graph_captures_inside_timed_repetitions():
     assert notes[-1].endswith(": 2 draft (60 ms), none, none") and "c = 8" in notes[-1]
 
 
+def test_report_lists_run_ahead_and_draft_activity_per_repetition():
+    from cluster.bench.report import _activity_notes
+
+    def row(run_ahead, metrics, **extra):
+        return {"scenario": "cluster-target-only", "concurrency": 1, "run_ahead": run_ahead,
+                "reps": [{"metrics": m} for m in metrics], **extra}
+
+    off = row(False, [{"engine_steps": 50, "run_ahead": {"used": 0, "discarded": 0}}])
+    assert _activity_notes([off]) == []  # nothing ran ahead and no draft: no line
+    on = row(True, [{"engine_steps": 50, "run_ahead": {"used": 47, "discarded": 1}},
+                    {"engine_steps": 50, "run_ahead": {"used": 48, "discarded": 0}}])
+    spec = row(True, [{"engine_steps": 40, "run_ahead": {"used": 30, "discarded": 0}, "draft_count": 4,
+                       "draft_propose_wall_s": 0.021}], scenario="cluster-colocated-overlap", adaptive=True)
+    notes = _activity_notes([off, on, spec])
+    assert notes[-2] == "- cluster-target-only, c = 1: 47/50 run ahead (1 undone); 48/50 run ahead"
+    assert notes[-1].endswith("c = 1: 30/40 run ahead, 4 draft calls (21 ms proposing)")
+
+
 def test_cost_table_note_says_how_the_curve_was_run():
     from cluster.bench.report import _graphed_note
 

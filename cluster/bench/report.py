@@ -148,6 +148,33 @@ def _capture_notes(rows: list[dict]) -> list[str]:
             "met for the first time, on the step's critical path):", ""] + notes
 
 
+def _activity_notes(rows: list[dict]) -> list[str]:
+    """Per timed repetition of each cluster row: target steps answered from a run-ahead (of all
+    engine steps; undone ones in brackets) and, where a draft ran, its calls and proposal wall time."""
+    notes = []
+    for row in rows:
+        per_rep = [rep.get("metrics") or {} for rep in row.get("reps", [])]
+        if not per_rep or "engine_steps" not in per_rep[0]:
+            continue
+        cells = []
+        for m in per_rep:
+            ahead = m.get("run_ahead") or {}
+            cell = f"{int(ahead.get('used', 0))}/{int(m['engine_steps'])} run ahead"
+            if ahead.get("discarded"):
+                cell += f" ({int(ahead['discarded'])} undone)"
+            if m.get("draft_count"):
+                cell += (f", {int(m['draft_count'])} draft calls"
+                         + (f" ({m['draft_propose_wall_s'] * 1e3:.0f} ms proposing)" if m.get("draft_propose_wall_s")
+                            else ""))
+            cells.append(cell)
+        if row.get("run_ahead", True) or any(m.get("draft_count") for m in per_rep):
+            notes.append(f"- {row_name(row)}, c = {row['concurrency']}: " + "; ".join(cells))
+    if not notes:
+        return []
+    return ["", "Per timed repetition: target steps answered from a run-ahead out of all engine steps, and the "
+            "draft's calls:", ""] + notes
+
+
 def markdown(r: dict) -> str:
     env, fl = r["env"], r.get("floor") or {}
     lines = [f"# Outrider bench — {r['date']} — {r['name']}", ""]
@@ -215,6 +242,8 @@ def markdown(r: dict) -> str:
             lines += ["", "Draft link (timed at connect: one proposal-sized message there and back):", ""]
             lines += [f"- {name}: {backend}, {rtt:.3f} ms" for name, (backend, rtt) in links.items()]
         lines += _capture_notes(rows)
+        lines += _activity_notes([row for row in rows if row["scenario"].startswith("cluster")
+                                  and row.get("concurrency") is not None])
         cats = [row for row in rows if row.get("by_category")]
         base_row = next((x for x in rows if x["scenario"] == "ours-target-only" and x["concurrency"] == 1), None)
         if cats and base_row and base_row.get("by_category"):
