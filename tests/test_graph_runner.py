@@ -363,3 +363,45 @@ def test_graph_captures_fused_layers(cuda_model):
     finally:
         model.use_compiled(False)
     assert runner.stats["captures"] >= 1 and runner.stats["graph_steps"] == 2
+
+
+def _counting_kernels(base):
+    """The model's kernel namespace with a call counter (which chains a forward ran)."""
+    from types import SimpleNamespace
+
+    calls = {"n": 0}
+
+    def wrap(fn):
+        def run(*args, **kwargs):
+            calls["n"] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    names = ("qkv_rope", "attention_out", "ffn")
+    return SimpleNamespace(**{n: wrap(getattr(base, n)) for n in names}, name="counting"), calls
+
+
+def test_graph_runner_runs_its_eager_steps_with_plain_chains(model):
+    """A graph runner's steps beyond the buckets (a prefill here) run eagerly with the plain
+    element-wise chains even when the model runs fused ones, which pay off inside graphs only; the
+    model's choice is restored. Simulated on CPU: a runner switched to mode 'graph' whose step
+    misses every bucket never touches CUDA. On CPU (mode eager) the model's kernels are used."""
+    from actors.model import fused
+
+    cache = model.make_kv_cache(1 << 20)
+    cache.add_sequence(0)
+    runner = GraphRunner(model, cache)
+    counting, calls = _counting_kernels(fused.EAGER)
+    model.kernels = counting
+    try:
+        runner.forward(runner.build([SeqStep(0, list(range(3, 23)), logits="last")]))  # Q = 20 > 8
+        assert calls["n"] > 0  # eager mode: the model's own chains
+        calls["n"] = 0
+        cache.commit(0, [])
+        runner.mode = "graph"
+        assert runner.bucket([SeqStep(0, list(range(3, 23)))]) is None
+        got = runner.forward(runner.build([SeqStep(0, list(range(3, 23)), logits="last")]))
+        assert calls["n"] == 0 and model.kernels is counting  # plain chains for that step, then restored
+        assert torch.isfinite(got).all()
+    finally:
+        model.kernels = fused.EAGER
