@@ -369,3 +369,18 @@ def test_cost_table_note_says_how_the_curve_was_run():
     assert _graphed_note([{"graphed": False}] * 3) == "measured eagerly, without CUDA graphs"
     assert _graphed_note([{"graphed": True}] * 2).startswith("every point replayed from a CUDA graph")
     assert _graphed_note([{"graphed": True}, {"graphed": False}]).startswith("1 of 2 points replayed")
+
+
+def test_report_flags_rows_whose_emulated_acceptance_was_not_reached():
+    from cluster.bench.report import _emulation_notes
+
+    def row(c, first, mismatched=0):
+        return {"scenario": "cluster-colocated-overlap", "draft": "oracle:0.8:self:4", "adaptive": False, "k": 4,
+                "concurrency": c, "emulated_alpha": 0.8, "acceptance_by_position": [first, 0.7],
+                "greedy": {"mismatched_requests": mismatched, "requests": 8}}
+
+    assert _emulation_notes([row(1, 0.84), row(1, 0.7)]) == []  # within the slack
+    notes = _emulation_notes([row(1, 0.84), row(8, 0.25, mismatched=4)])
+    assert "Emulated acceptance not reached" in notes[1]
+    assert notes[-1].endswith("c = 8: first-position acceptance 0.25; greedy mismatches against the reference 4/8")
+    assert _emulation_notes([{**row(8, 0.1), "emulated_alpha": None}]) == []  # a real draft: no claim

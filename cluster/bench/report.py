@@ -175,6 +175,29 @@ def _activity_notes(rows: list[dict]) -> list[str]:
             "draft's calls:", ""] + notes
 
 
+EMULATION_SLACK = 0.15  # first-position acceptance this far below the emulated α is reported
+
+
+def _emulation_notes(rows: list[dict]) -> list[str]:
+    """Rows whose measured first-position acceptance falls well below their emulated α: the
+    oracle proposes the target's recorded continuation, so once the target's outputs depart from
+    the record (bf16 numerics of another batch composition) its tokens are wrong and the row
+    measures a lower acceptance than its label says."""
+    notes = []
+    for row in rows:
+        alpha, by_pos = row.get("emulated_alpha"), row.get("acceptance_by_position") or []
+        if alpha is None or not by_pos or by_pos[0] >= alpha - EMULATION_SLACK:
+            continue
+        g = row.get("greedy") or {}
+        notes.append(f"- {row_name(row)}, c = {row['concurrency']}: first-position acceptance {by_pos[0]:.2f}"
+                     + (f"; greedy mismatches against the reference {g['mismatched_requests']}/{g['requests']}"
+                        if g.get("mismatched_requests") else ""))
+    if not notes:
+        return []
+    return ["", "Emulated acceptance not reached (the target's outputs departed from the oracle's recorded "
+            "continuation, so its proposals were wrong from there on; these rows measure a lower α):", ""] + notes
+
+
 def markdown(r: dict) -> str:
     env, fl = r["env"], r.get("floor") or {}
     lines = [f"# Outrider bench — {r['date']} — {r['name']}", ""]
@@ -242,6 +265,7 @@ def markdown(r: dict) -> str:
             lines += ["", "Draft link (timed at connect: one proposal-sized message there and back):", ""]
             lines += [f"- {name}: {backend}, {rtt:.3f} ms" for name, (backend, rtt) in links.items()]
         lines += _capture_notes(rows)
+        lines += _emulation_notes(rows)
         lines += _activity_notes([row for row in rows if row["scenario"].startswith("cluster")
                                   and row.get("concurrency") is not None])
         cats = [row for row in rows if row.get("by_category")]
