@@ -189,6 +189,15 @@ class DraftWorker:
                 "pid": os.getpid(),
                 "kv_capacity_tokens": self.proposer.cache.capacity_tokens}
 
+    @_locked
+    def capture_buckets(self, max_batch: int, queries: list[int], max_kv: int) -> dict:
+        """Capture the drafting buckets now (``GraphRunner.capture_decode_buckets``); a no-op
+        without CUDA graphs or for a proposer without a model."""
+        runner = getattr(self.proposer, "runner", None)
+        if runner is None:
+            return {"shapes": 0, "captured": 0, "seconds": 0.0}
+        return runner.capture_decode_buckets(max_batch, queries, max_kv, all_logits=False)  # catch-ups: last rows
+
     def open_step_channel(self) -> tuple[str, int, str]:
         """(host, port, token) of this worker's step channel (opened on first call)."""
         from actors.step_channel import StepChannelServer

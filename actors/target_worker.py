@@ -238,6 +238,12 @@ class TargetWorker:
         return reply
 
     @_locked
+    def capture_buckets(self, max_batch: int, queries: list[int], max_kv: int) -> dict:
+        """Capture the decode and verify buckets now (``GraphRunner.capture_decode_buckets``), so
+        serving meets no capture for them; a no-op without CUDA graphs (CPU, tensor parallelism)."""
+        return self.runner.capture_decode_buckets(max_batch, queries, max_kv, all_logits=True)
+
+    @_locked
     def run_ahead(self) -> None:
         """The step channel's work once a step's reply is sent: run the next step ahead if the
         engine asked for it (``actors/run_ahead.py``)."""

@@ -8,7 +8,8 @@
 #     run's measured (graph-replayed) cost curve wired into the policy; per-rep graph captures,
 #     draft proposal wall time and run-ahead counts in adaptive/results.json.
 # Order by priority (each section packs its results, so a cut-short call still returns them):
-# tests, 1B target-only, adaptive, 8B target-only. UNFUSED=1 drops --fused-kernels. ~8 minutes.
+# tests, 1B target-only, adaptive, 8B target-only. UNFUSED=1 drops --fused-kernels; CAPTURE_AT_START=1
+# has the adaptive section's workers capture their decode/verify graphs at start. ~8 minutes.
 # Results: $OUT/results.tgz.
 source benchmarks/gpu_common.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/run/gpu.txt"
@@ -27,7 +28,7 @@ target_only() {  # $1 = shape
 }
 target_only 1B
 stamp "adaptive (1B)"
-timeout 220 python3 -m cluster.cli bench "${common[@]}" --per-category 2 --adaptive both --concurrency 1,8,32,64 \
+timeout 220 python3 -m cluster.cli bench "${common[@]}" --per-category 2 --adaptive both --concurrency 1,8,32,64 ${CAPTURE_AT_START:+--capture-at-start} \
   --time-limit-s 200 --cost-batches 1,8,32,64 --cost-tokens 1,2,4,8,16,32,64 --cluster-cost-table measured \
   --model "shape:1B@oracle:0.8:self:4#cost-curve,cluster-target-only,cluster-colocated-overlap" \
   --name adaptive --out "$OUT/run/adaptive" 2> "$OUT/run/adaptive.log"

@@ -751,6 +751,9 @@ def _add_bench(commands) -> None:
     p.add_argument("--run-ahead", choices=("on", "off", "both"), default="on",
                    help="cluster rows: the target runs a plain decode step ahead while the engine handles the "
                    "last reply (on), never (off), or both as rows of the same run (default: on)")
+    p.add_argument("--capture-at-start", action="store_true",
+                   help="cluster rows: the workers capture their decode and verify CUDA graphs at start, so timed "
+                   "work meets no capture for those buckets (start time and graph memory)")
     p.add_argument("--draft-link", choices=("auto", "gloo", "both"), default="auto",
                    help="separate-GPU rows: the draft link's backend — auto (NCCL between distinct GPUs), gloo "
                    "(host copies), or both as rows of the same run (default: auto)")
@@ -835,7 +838,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         models=args.model or ["demo"], scenarios=split(args.scenarios), drafts=split(args.drafts),
         cluster_draft=args.cluster_draft,
         num_draft_tokens=args.num_draft_tokens, adaptive=args.adaptive, step_transport=args.step_transport,
-        run_ahead=args.run_ahead,
+        run_ahead=args.run_ahead, capture_at_start=args.capture_at_start,
         fused_kernels=args.fused_kernels, draft_link=args.draft_link,
         concurrency=_int_list("--concurrency", args.concurrency), max_tokens=args.max_tokens,
         max_prompt_tokens=args.max_prompt_tokens, prompts_file=args.prompts,

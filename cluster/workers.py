@@ -92,6 +92,7 @@ class WorkerSet:
         self.link_rtt_s: float | None = None  # one proposal-sized message there and back, timed at connect
         self.channels: list = []  # StepChannel per target rank (step_transport socket), else empty
         self.draft_channel = None  # the draft's StepChannel (step_transport socket), else None
+        self.captured: dict = {}  # capture_at_start: {role: {"shapes", "captured", "seconds"}}
 
     # ----------------------------------------------------------------- start
     def start(self) -> WorkerInfo:
@@ -130,7 +131,30 @@ class WorkerSet:
             target_kv_tokens=leader["kv_capacity_tokens"],
             draft_kv_tokens=None if draft_info is None else draft_info["kv_capacity_tokens"],
             target_device=leader["device"], draft_device=None if draft_info is None else draft_info["device"])
+        if cfg.capture_at_start:
+            self.capture_buckets(cfg.start_timeout_s)
         return self.info
+
+    def capture_buckets(self, timeout_s: float) -> dict:
+        """Have every worker capture its decode and verify buckets now (``capture_at_start``):
+        target Q = 1 and k + 1, draft Q = 1 and 2, batch buckets up to ``max_running``, KV buckets
+        up to the context (or the KV cache). Returns {role: {"shapes", "captured", "seconds"}}."""
+        cfg, info = self.config, self.info
+        k = cfg.num_draft_tokens if self.draft is not None else 0
+        max_kv = min(info.max_context, info.target_kv_tokens)
+        calls = [(TARGET, t.capture_buckets.remote(cfg.max_running, sorted({1, k + 1}), max_kv))
+                 for t in self.targets]
+        if self.draft is not None:
+            draft_kv = min(info.max_context, info.draft_kv_tokens or max_kv)
+            calls.append((DRAFT, self.draft.capture_buckets.remote(cfg.max_running, [1, 2], draft_kv)))
+        results = self.call(calls, "graph capture", timeout_s)
+        self.captured = {TARGET: results[0]}
+        if self.draft is not None:
+            self.captured[DRAFT] = results[-1]
+        for role, r in self.captured.items():
+            if r["captured"]:
+                log.info("%s: captured %d CUDA graphs at start in %.1f s", role, r["captured"], r["seconds"])
+        return self.captured
 
     def form_target_group(self, timeout_s: float) -> None:
         """Tensor-parallel group of the target ranks (each loads its shard); nothing for tp=1."""

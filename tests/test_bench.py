@@ -297,11 +297,14 @@ def test_step_transport_both_gives_each_transport_its_own_baseline(ray_local, ch
 
 def test_run_ahead_both_gives_each_setting_its_own_row_and_baseline(ray_local, checkpoint, tmp_path):
     """--run-ahead both: cluster-target-only without and with the target running steps ahead, each
-    its own baseline, both greedy-identical; the per-rep metrics count the steps run ahead."""
+    its own baseline, both greedy-identical; the per-rep metrics count the steps run ahead. With
+    --capture-at-start the rows record what each worker captured at start."""
     results = run_bench(tiny_config(checkpoint, tmp_path, scenarios=["cluster-target-only"], concurrency=[1],
-                                    run_ahead="both", max_tokens=12, plots=False))
+                                    run_ahead="both", max_tokens=12, capture_at_start=True, plots=False))
     assert results["errors"] == []
     rows = {r["run_ahead"]: r for r in results["models"][0]["rows"]}
+    # --capture-at-start reaches the workers (nothing to capture on CPU)
+    assert all(r["captured_at_start"]["target"]["shapes"] > 0 for r in rows.values())
     assert set(rows) == {False, True}
     assert all(r["greedy"]["mismatched_requests"] == 0 for r in rows.values())
     assert all(rep["metrics"]["run_ahead"]["used"] > 0 for rep in rows[True]["reps"])

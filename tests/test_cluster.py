@@ -97,7 +97,8 @@ def greedy_params(n):
 
 @pytest.mark.parametrize("fields", [
     pytest.param({"draft": "self:2", "num_draft_tokens": 3, "overlap": True, "adaptive": False}, id="self2-k3-overlap"),
-    pytest.param({"draft": "self:4", "num_draft_tokens": 4, "overlap": True, "adaptive": False}, id="exact-draft-overlap"),
+    pytest.param({"draft": "self:4", "num_draft_tokens": 4, "overlap": True, "adaptive": False,
+                  "capture_at_start": True}, id="exact-draft-overlap-capture-at-start"),
     pytest.param({"draft": "CKPT", "num_draft_tokens": 2, "overlap": False, "adaptive": False,
                   "step_transport": "ray"}, id="ckpt-k2-turns-ray-calls"),
     pytest.param({"draft": "self:3", "num_draft_tokens": 3, "overlap": True, "pre_verify": True,
@@ -113,6 +114,10 @@ def test_greedy_equals_target_only_reference(ray_local, checkpoints, target_mode
         got = run_concurrently(cluster, prompts, params, stagger_s=0.05)
         assert [o.token_ids for o in got] == want
         assert [o.finish_reason for o in got] == ["length"] * len(prompts)
+        if fields.get("capture_at_start"):  # asked of both workers; on CPU nothing is captured
+            captured = cluster.workers.captured
+            assert captured["target"]["shapes"] > 0 and captured["draft"]["shapes"] > 0
+            assert captured["target"]["captured"] == captured["draft"]["captured"] == 0
         if fields["draft"] == "self:4":  # the draft is the target: everything is accepted
             assert all(o.stats["mean_accepted_length"] > 3 for o in got if len(o.token_ids) > 12)
         assert cluster.wait_idle(30)

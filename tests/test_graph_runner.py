@@ -405,3 +405,36 @@ def test_graph_runner_runs_its_eager_steps_with_plain_chains(model):
         assert torch.isfinite(got).all()
     finally:
         model.kernels = fused.EAGER
+
+
+def test_decode_buckets_to_capture_at_start(model):
+    """capture_decode_buckets enumerates every batch bucket up to max_batch's and KV bucket up to
+    max_kv's for each query length within the buckets; on CPU nothing is captured."""
+    cache = model.make_kv_cache(1 << 20)
+    runner = GraphRunner(model, cache)
+    seen = {}
+
+    def spy(shapes, *, all_logits=True):
+        seen["shapes"], seen["all_logits"] = list(shapes), all_logits
+
+    out = runner.capture_decode_buckets(20, [1, 5, 99], 600)  # Q = 99 is beyond the query buckets
+    assert out == {"shapes": 6 * 4 * 2, "captured": 0, "seconds": 0.0}  # B 1..32, KV 128..1024, Q 1 and 5
+    runner.capture = spy
+    runner.capture_decode_buckets(64, [1], 10_000, all_logits=False)
+    assert len(seen["shapes"]) == 7 * 7 and seen["all_logits"] is False  # capped at the largest buckets
+    assert (64, 1, 8192) in seen["shapes"] and (1, 1, 128) in seen["shapes"]
+
+
+@cuda
+def test_buckets_captured_at_start_are_not_captured_again(cuda_model):
+    cache = cuda_model.make_kv_cache(1 << 22)
+    runner = GraphRunner(cuda_model, cache)
+    out = runner.capture_decode_buckets(4, [1, 3], 200)
+    assert out["captured"] == runner.num_graphs > 0 and out["seconds"] > 0
+    for r in range(3):
+        cache.add_sequence(r)
+        cache.append(r, 10)
+        cache.commit(r)
+    runner.forward(runner.build([SeqStep(r, [5]) for r in range(3)]))  # B 3 -> 4, Q 1, KV 11 -> 128
+    runner.forward(runner.build([SeqStep(r, [5, 6, 7]) for r in range(3)]))  # a verify, Q 3
+    assert runner.stats["captures"] == out["captured"] and runner.stats["graph_steps"] == 2

@@ -222,6 +222,23 @@ class GraphRunner:
                     entry.packed.copy_(host, non_blocking=True)
                     self._capture(entry)
 
+    def capture_decode_buckets(self, max_batch: int, queries: Iterable[int], max_kv: int, *,
+                               all_logits: bool = True) -> dict:
+        """Capture ahead of time the buckets that steps of up to ``max_batch`` sequences feeding
+        ``queries`` tokens each (1 for decode, k + 1 for a chain verify) over up to ``max_kv`` KV
+        entries meet: every batch bucket up to ``max_batch``'s, every KV bucket up to ``max_kv``'s.
+        ``all_logits``: also the N = B·Q variant of Q > 1 (a verify's). Returns {"shapes",
+        "captured", "seconds"}; nothing is captured outside mode 'graph'."""
+        top_b = _ceil(self.batch_buckets, max_batch) or self.batch_buckets[-1]
+        top_kv = _ceil(self.kv_buckets, max_kv) or self.kv_buckets[-1]
+        qs = sorted({q for q in queries if _ceil(self.query_buckets, q) is not None})
+        shapes = [(b, q, kv) for b in self.batch_buckets if b <= top_b for q in qs
+                  for kv in self.kv_buckets if kv <= top_kv]
+        before, seconds = self.stats["captures"], self.stats["capture_s"]
+        self.capture(shapes, all_logits=all_logits)
+        return {"shapes": len(shapes), "captured": self.stats["captures"] - before,
+                "seconds": self.stats["capture_s"] - seconds}
+
     def _capture(self, entry: _Entry) -> None:
         """Warm up on a side stream, then capture ``model.forward`` on the bucket's static inputs.
 

@@ -31,6 +31,7 @@ class BenchConfig:
     adaptive: str = "off"  # cluster speculation length: off (fixed k) | on | both
     step_transport: str = "socket"  # how the cluster rows' engine calls its workers: socket | ray | both
     run_ahead: str = "on"  # cluster rows: the target runs plain decode steps ahead (on | off | both)
+    capture_at_start: bool = False  # cluster rows: workers capture their decode/verify graphs at start
     fused_kernels: bool = False  # layers' element-wise chains fused by torch.compile (ours and cluster rows)
     draft_link: str = "auto"  # separate-GPU rows' draft link: auto (NCCL between GPUs) | gloo | both
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])

@@ -737,7 +737,8 @@ class BenchRun:
                           "kv_budget_tokens": kv_tokens, "max_running": cmax, "max_waiting": max(256, 4 * cmax),
                           "cpus_per_worker": cfg.cpus_per_worker, "num_gpus": cfg.num_gpus,
                           "step_timeout_s": 120.0, "start_timeout_s": 300.0, "step_transport": transport,
-                          "fused_kernels": cfg.fused_kernels, "draft_link": link, "run_ahead": ahead, **layout}
+                          "fused_kernels": cfg.fused_kernels, "draft_link": link, "run_ahead": ahead,
+                          "capture_at_start": cfg.capture_at_start, **layout}
                 if uses_draft and oracle_file is not None:
                     fields["oracle_continuations"] = str(oracle_file)
                 if uses_draft and cost_table is not None:
@@ -762,7 +763,7 @@ class BenchRun:
                                           meas, reqs, encoded,
                                           extra={"cluster_start_s": start_s, "placement": placement,
                                                  "workers": devices, "step_transport": transport,
-                                                 "run_ahead": ahead,
+                                                 "run_ahead": ahead, "captured_at_start": cluster.workers.captured,
                                                  "draft_link": cluster.workers.link_backend,
                                                  "draft_link_rtt_ms": None if cluster.workers.link_rtt_s is None
                                                  else 1e3 * cluster.workers.link_rtt_s})
