@@ -27,6 +27,7 @@ spec_expected_goodput_tokens_per_second        gauge      the chosen k's predict
 spec_predicted_step_seconds                    gauge      ... and predicted step time
 spec_expected_tokens_per_step                  gauge      ... and expected tokens per step
 spec_decision_info{k, reason_code, overlap}    info       the last decision (full reason: ``snapshot()``)
+spec_steps_total{reason_code}                  counter    steps run with a decision of that reason (goodput|explore|...)
 verify_step_seconds, draft_step_seconds        histogram  measured step times (draft: drafting + speculation)
 engine_step_seconds                            histogram  wall time of an engine step at the control plane
 overlap_speculations_total{outcome}            counter    overlap: pre-drafted chains used (hit) or dropped (miss)
@@ -122,6 +123,9 @@ class EngineMetrics:
         self.expected_tokens = Gauge("outrider_spec_expected_tokens_per_step",
                                      "Expected tokens per step of the chosen speculation length.", registry=r)
         self.decision_info = Info("outrider_spec_decision", "The last speculation decision.", registry=r)
+        self.decision_steps = Counter("outrider_spec_steps_total",
+                                      "Engine steps run with a speculation decision, by its reason code.",
+                                      ["reason_code"], registry=r)
         self.verify_step = Histogram("outrider_verify_step_seconds", "Measured target verify step time.",
                                      buckets=_STEP_BUCKETS, registry=r)
         self.draft_step = Histogram("outrider_draft_step_seconds", "Measured draft step time (all levels).",
@@ -241,6 +245,7 @@ class EngineMetrics:
         if decision is not None:
             self.last_decision = decision
             self.num_draft_tokens.observe(decision.k)
+            self.decision_steps.labels(reason_code=decision.reason_code).inc()
             if decision.chosen is not None:
                 self.expected_goodput.set(decision.goodput)
                 self.predicted_step.set(decision.step_s)

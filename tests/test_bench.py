@@ -104,6 +104,10 @@ def test_every_scenario_kind(ray_local, checkpoint, tmp_path):
             assert metrics["engine_steps"] > 0
             assert metrics["graph_captures"] == {"target": 0, "draft": 0}  # CPU: eager, nothing captured
             assert metrics["draft_propose_wall_s"] > 0  # every cluster row here drafts
+            # every decoding step ran a fixed-k decision (prefill-only steps decide nothing)
+            decided = metrics["decisions"]["fixed"] + metrics["decisions"]["capped"]
+            assert 0 < decided == sum(metrics["decisions"].values()) <= metrics["engine_steps"]
+            assert metrics["k_at_most"][0] < decided  # k = 1 or 2 drafted on some of them
             assert 0.0 <= row["control_plane_share"]["median"] <= 1.0
             assert row["gpus"] == (2 if "separate" in row["scenario"] else 1)
             assert row["draft_link"] == "gloo" and row["draft_link_rtt_ms"] > 0  # CPU: gloo, timed at connect
@@ -360,10 +364,11 @@ def test_report_lists_run_ahead_and_draft_activity_per_repetition():
     on = row(True, [{"engine_steps": 50, "run_ahead": {"used": 47, "discarded": 1}},
                     {"engine_steps": 50, "run_ahead": {"used": 48, "discarded": 0}}])
     spec = row(True, [{"engine_steps": 40, "run_ahead": {"used": 30, "discarded": 0}, "draft_count": 4,
-                       "draft_propose_wall_s": 0.021}], scenario="cluster-colocated-overlap", adaptive=True)
+                       "draft_propose_wall_s": 0.021, "k_at_most": {0: 36, 1: 40},
+                       "decisions": {"goodput": 38, "explore": 2}}], scenario="cluster-colocated-overlap", adaptive=True)
     notes = _activity_notes([off, on, spec])
     assert notes[-2] == "- cluster-target-only, c = 1: 47/50 run ahead (1 undone); 48/50 run ahead"
-    assert notes[-1].endswith("c = 1: 30/40 run ahead, 4 draft calls (21 ms proposing)")
+    assert notes[-1].endswith("c = 1: 30/40 run ahead, k > 0 on 4/40 steps (2 explore), 4 draft calls (21 ms proposing)")
 
 
 def test_cost_table_note_says_how_the_curve_was_run():

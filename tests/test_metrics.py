@@ -22,7 +22,7 @@ NAMES = [
     "outrider_draft_step_seconds", "outrider_draft_worker_up", "outrider_engine_steps_total",
     "outrider_overlap_extended_total", "outrider_draft_link_round_trip_seconds",
     "outrider_draft_propose_wall_seconds_total", "outrider_graph_captures_total",
-    "outrider_graph_capture_seconds_total",
+    "outrider_graph_capture_seconds_total", "outrider_target_run_ahead_total", "outrider_spec_steps_total",
 ]
 
 

@@ -150,7 +150,8 @@ def _capture_notes(rows: list[dict]) -> list[str]:
 
 def _activity_notes(rows: list[dict]) -> list[str]:
     """Per timed repetition of each cluster row: target steps answered from a run-ahead (of all
-    engine steps; undone ones in brackets) and, where a draft ran, its calls and proposal wall time."""
+    engine steps; undone ones in brackets), the steps whose decision drafted (k > 0; explore probes
+    in brackets) and, where a draft ran, its calls and proposal wall time."""
     notes = []
     for row in rows:
         per_rep = [rep.get("metrics") or {} for rep in row.get("reps", [])]
@@ -162,6 +163,11 @@ def _activity_notes(rows: list[dict]) -> list[str]:
             cell = f"{int(ahead.get('used', 0))}/{int(m['engine_steps'])} run ahead"
             if ahead.get("discarded"):
                 cell += f" ({int(ahead['discarded'])} undone)"
+            decided = sum((m.get("decisions") or {}).values())
+            if decided:
+                drafting = decided - (m.get("k_at_most") or {}).get(0, (m.get("k_at_most") or {}).get("0", 0))
+                explore = (m.get("decisions") or {}).get("explore", 0)
+                cell += f", k > 0 on {int(drafting)}/{int(decided)} steps" + (f" ({int(explore)} explore)" if explore else "")
             if m.get("draft_count"):
                 cell += (f", {int(m['draft_count'])} draft calls"
                          + (f" ({m['draft_propose_wall_s'] * 1e3:.0f} ms proposing)" if m.get("draft_propose_wall_s")

@@ -260,7 +260,11 @@ def _metric_delta(before: dict, after: dict, max_positions: int) -> dict:
             "overlap": {o: delta("outrider_overlap_speculations_total", f"outcome={o}") for o in ("hit", "miss")},
             "graph_captures": {r: delta("outrider_graph_captures_total", f"role={r}") for r in roles},
             "graph_capture_s": {r: delta("outrider_graph_capture_seconds_total", f"role={r}") for r in roles},
-            "run_ahead": {o: delta("outrider_target_run_ahead_total", f"outcome={o}") for o in ("used", "discarded")}}
+            "run_ahead": {o: delta("outrider_target_run_ahead_total", f"outcome={o}") for o in ("used", "discarded")},
+            # steps by the k they ran with (the histogram's buckets are cumulative: k <= j) and by reason
+            "k_at_most": {j: delta("outrider_spec_num_draft_tokens_bucket", f"le={float(j)}") for j in range(max_positions + 1)},
+            "decisions": {c: delta("outrider_spec_steps_total", f"reason_code={c}")
+                          for c in ("goodput", "explore", "fixed", "capped", "empty")}}
 
 
 def _pct(values: list[float], q: float) -> float | None:
