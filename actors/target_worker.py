@@ -40,7 +40,6 @@ once, any other undoes it exactly (``actors/run_ahead.py``). Single-rank targets
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -69,7 +68,6 @@ from actors.transport import (
 
 TARGET_RANK, DRAFT_RANK = 0, 1
 LEADER = 0
-log = logging.getLogger("outrider.target_worker")
 
 NewRequest = tuple[int, list[int], SamplingParams]
 
@@ -179,7 +177,7 @@ class TargetWorker:
         request; the worker may run it once this reply is sent (``run_ahead``, the method)."""
         if self.ahead.broken is not None:
             raise RuntimeError(self.ahead.broken)
-        self._ahead_wanted = run_ahead and self.tp_size == 1
+        self._ahead_wanted = run_ahead  # acted on by run_ahead() (single-rank targets only)
         reply, discarded = self.ahead.take(new, req_ids, draft_req_ids, free_ids, send_tokens)
         if reply is not None:
             self.free(free_ids)
