@@ -272,6 +272,16 @@ class DraftWorker:
         return (runner.stats["captures"], runner.stats["capture_s"]) if runner is not None else (0, 0.0)
 
     @_locked
+    def retrack_oracle(self, continuations: list[dict]) -> int:
+        """Re-record an oracle draft's continuations (``[{"prompt": ids, "output": ids}, ...]``, see
+        ``OracleProposer.retrack``); returns how many prompts were re-recorded (0: no oracle here)."""
+        from actors.spec.oracle import OracleProposer, load_continuations
+
+        if not isinstance(self.proposer, OracleProposer):
+            return 0
+        return self.proposer.retrack(load_continuations(continuations))
+
+    @_locked
     def kv_free_tokens(self) -> int:
         return self.proposer.cache.free_tokens
 

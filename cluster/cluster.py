@@ -235,6 +235,16 @@ class Cluster:
             calls.append(("draft", self.workers.draft.kv_free_tokens.remote()))
         return dict(zip((role for role, _ in calls), self.workers.call(calls, "kv_free_tokens")))
 
+    def retrack_oracle(self, continuations: list[dict]) -> int:
+        """Benchmarks: give an ``oracle:`` draft the target's latest outputs to emulate acceptance
+        against (``[{"prompt": ids, "output": ids}, ...]``). Returns how many prompts the draft
+        re-recorded: 0 without a draft, with the draft down, or with a draft that is no oracle."""
+        if self.workers.draft is None or not self.engine.draft_up:
+            return 0
+        [count] = self.workers.call([("draft", self.workers.draft.retrack_oracle.remote(continuations))],
+                                    "retrack_oracle")
+        return int(count)
+
     def wait_idle(self, timeout_s: float = 60.0) -> bool:
         """Block until no request runs or waits and freed KV has been returned to the workers."""
         return self.engine.idle.wait(timeout_s)

@@ -108,6 +108,8 @@ def test_every_scenario_kind(ray_local, checkpoint, tmp_path):
             decided = metrics["decisions"]["fixed"] + metrics["decisions"]["capped"]
             assert 0 < decided == sum(metrics["decisions"].values()) <= metrics["engine_steps"]
             assert metrics["k_at_most"][0] < decided  # k = 1 or 2 drafted on some of them
+            # the oracle re-recorded each pass's real outputs, one record per request
+            assert all(rep["oracle_retracked"] == len(rep["per_request"]) for rep in row["reps"]), row["scenario"]
             assert 0.0 <= row["control_plane_share"]["median"] <= 1.0
             assert row["gpus"] == (2 if "separate" in row["scenario"] else 1)
             assert row["draft_link"] == "gloo" and row["draft_link_rtt_ms"] > 0  # CPU: gloo, timed at connect

@@ -147,6 +147,30 @@ def test_oracle_draft_overlap_hits(ray_local, checkpoints, target_model, tmp_pat
         assert hits and hits > 0
 
 
+def test_oracle_retrack_from_real_outputs(ray_local, checkpoints, target_model, tmp_path):
+    """The bench's honest emulation: an oracle draft given a record the target does not follow
+    accepts (almost) nothing; ``retrack_oracle`` with the outputs of a pass makes the next pass
+    accept what α = 1 says (everything), output unchanged. A cluster without an oracle re-records
+    nothing."""
+    import json
+
+    prompts, params = make_prompts()[:3], [SamplingParams(max_tokens=40)] * 3
+    want = expected(target_model, prompts, params)
+    recorded = tmp_path / "stale.json"
+    recorded.write_text(json.dumps([{"prompt": p, "output": [(t + 1) % 256 for t in o]} for p, o in zip(prompts, want)]))
+    with Cluster.start(config(checkpoints[0], draft="oracle:1.0:self:1", num_draft_tokens=3, adaptive=False,
+                              oracle_continuations=str(recorded))) as cluster:
+        first = run_concurrently(cluster, prompts, params)
+        assert [o.token_ids for o in first] == want
+        assert all(o.stats["mean_accepted_length"] < 1.5 for o in first)
+        assert cluster.retrack_oracle([{"prompt": p, "output": o.token_ids} for p, o in zip(prompts, first)]) == 3
+        second = run_concurrently(cluster, prompts, params)
+        assert [o.token_ids for o in second] == want
+        assert all(o.stats["mean_accepted_length"] > 3.5 for o in second)
+    with Cluster.start(config(checkpoints[0], draft="self:1", num_draft_tokens=3)) as cluster:
+        assert cluster.retrack_oracle([{"prompt": prompts[0], "output": want[0]}]) == 0
+
+
 def test_bounded_overlap_extends_hits_and_stays_lossless(ray_local, checkpoints, target_model, tmp_path):
     """A verify too short to hide k + 1 draft levels bounds the speculation to the bonus guess and
     one token; a hit is then extended to the k asked for, and the output is the target's."""

@@ -67,3 +67,19 @@ def test_bad_specs_are_refused(setup):
             parse_draft_spec(spec)
     with pytest.raises(ValueError, match="continuations"):
         build_proposer("oracle:0.5:self:1", setup[1])
+
+
+def test_retrack_replaces_a_stale_record(setup):
+    """A record the target departs from (a batch-1 record under batched numerics) emulates almost
+    no acceptance; re-recorded from the target's real outputs, it emulates the labelled α again."""
+    path, target, prompts, plain, recorded = setup
+    stale = [(p, [(t + 1) % 320 for t in r.token_ids]) for p, r in zip(prompts, plain)]
+    proposer = build_proposer("oracle:1.0:self:1", target, oracle_continuations=[
+        {"prompt": p, "output": o} for p, o in stale])
+    before = generate(target, prompts, PARAMS, proposer=proposer, num_draft_tokens=3)
+    assert [r.token_ids for r in before] == [r.token_ids for r in plain]
+    assert rates(before, 3)[1] < 0.2
+    assert proposer.retrack([(p, r.token_ids) for p, r in zip(prompts, plain)]) == len(prompts)
+    after = generate(target, prompts, PARAMS, proposer=proposer, num_draft_tokens=3)
+    assert [r.token_ids for r in after] == [r.token_ids for r in plain]
+    assert rates(after, 3)[1] == 1.0

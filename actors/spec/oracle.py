@@ -15,7 +15,11 @@ Invariants:
   a sequence that left it), the wrapped proposer's own tokens are used; near the end of the
   recorded output the proposal is cut where the record ends;
 * greedy only: proposals carry no draft probabilities (emulation is for greedy runs, where output
-  equals target-only decoding whatever is proposed).
+  equals target-only decoding whatever is proposed);
+* ``retrack`` replaces the recorded continuation of the prompts it is given (the benchmark feeds
+  each pass's real outputs to the next pass): bf16 logits of random weights have near-ties, so a
+  batched target departs from a batch-1 record, and a stale record would emulate a lower α than
+  the label says. Tracks of live requests are looked up afresh.
 """
 
 from __future__ import annotations
@@ -49,10 +53,18 @@ class OracleProposer(Proposer):
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
         self.inner, self.alpha, self.vocab_size, self.seed = inner, alpha, vocab_size, seed
         self._full: dict[tuple[int, ...], list[int]] = {}
+        self._track: dict[Hashable, list[int] | None] = {}
+        self.retrack(continuations)
+
+    def retrack(self, continuations: Iterable[tuple[Sequence[int], Sequence[int]]]) -> int:
+        """Record (or re-record) the target's continuation of each prompt; returns how many."""
+        count = 0
         for prompt, output in continuations:
             self._full[tuple(prompt)] = list(prompt) + list(output)
+            count += 1
         self._prompt_lengths = sorted({len(p) for p in self._full}, reverse=True)
-        self._track: dict[Hashable, list[int] | None] = {}
+        self._track.clear()
+        return count
 
     def __getattr__(self, name: str):  # the wrapped proposer's cache, model, ... (worker introspection)
         return getattr(self.inner, name)

@@ -188,7 +188,9 @@ def _emulation_notes(rows: list[dict]) -> list[str]:
     """Rows whose measured first-position acceptance falls well below their emulated α: the
     oracle proposes the target's recorded continuation, so once the target's outputs depart from
     the record (bf16 numerics of another batch composition) its tokens are wrong and the row
-    measures a lower acceptance than its label says."""
+    measures a lower acceptance than its label says. Cluster rows re-record the continuation from
+    each pass's real outputs (``oracle_retracked``), which leaves only the departures between one
+    pass and the next (a batch composition or k that differs from the pass before)."""
     notes = []
     for row in rows:
         alpha, by_pos = row.get("emulated_alpha"), row.get("acceptance_by_position") or []

@@ -758,7 +758,8 @@ class BenchRun:
                             reqs = sc.Requests.for_concurrency(prompts, c)
                             _log(f"{what} c={c}")
                             meas = sc.run_cluster(cluster, reqs, c, params, repetitions=cfg.repetitions,
-                                                  warmup=cfg.warmup, max_positions=max(k, 1))
+                                                  warmup=cfg.warmup, max_positions=max(k, 1),
+                                                  retrack_oracle=uses_draft and oracle_file is not None)
                             self._add_row(model_rec, scenario, fields["draft"], k if uses_draft else 0, adaptive, c,
                                           meas, reqs, encoded,
                                           extra={"cluster_start_s": start_s, "placement": placement,
@@ -777,7 +778,8 @@ class BenchRun:
                                  f"offered over {schedule[-1]:.1f} s)")
                             meas = sc.run_arrivals(cluster, reqs, schedule, params, slo_ttft_s=cfg.slo_ttft_s,
                                                    slo_tpot_s=cfg.slo_tpot_s, repetitions=cfg.repetitions,
-                                                   max_positions=max(k, 1))
+                                                   max_positions=max(k, 1),
+                                                   retrack_oracle=uses_draft and oracle_file is not None)
                             self._add_arrival_row(model_rec, scenario, fields["draft"], k if uses_draft else 0,
                                                   adaptive, rate, meas, reqs, schedule, max_running=cmax,
                                                   step_transport=transport, run_ahead=ahead)

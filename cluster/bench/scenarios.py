@@ -275,7 +275,18 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def run_cluster(cluster, requests: Requests, concurrency: int, params: SamplingParams, *, repetitions: int = 3,
-                warmup: bool = True, max_positions: int = 4) -> dict:
+                warmup: bool = True, max_positions: int = 4, retrack_oracle: bool = False) -> dict:
+    """Closed-loop passes over ``requests`` (a warm-up pass, then ``repetitions`` timed ones).
+    ``retrack_oracle``: after each pass, an ``oracle:`` draft re-records the outputs the target
+    really produced in it (``Cluster.retrack_oracle``), so the next pass emulates its α against
+    this batch composition's own greedy continuations, not against a batch-1 record."""
+
+    def retrack(results: dict) -> int | None:
+        if not retrack_oracle:
+            return None
+        return cluster.retrack_oracle([{"prompt": list(requests.prompt_ids[i]), "output": list(results[i][0].token_ids)}
+                                       for i in sorted(results)])
+
     def closed_loop(reqs: list[int], p: SamplingParams):
         async def main():
             todo = list(reqs)
@@ -295,8 +306,9 @@ def run_cluster(cluster, requests: Requests, concurrency: int, params: SamplingP
         return asyncio.run(main())
 
     if warmup:  # a whole pass, as for ours
-        closed_loop(list(range(len(requests))), params)
+        warm = closed_loop(list(range(len(requests))), params)
         cluster.wait_idle(60)
+        retrack(warm)
     reps, first = [], None
     for _ in range(repetitions):
         before = cluster.metrics_snapshot()
@@ -305,6 +317,7 @@ def run_cluster(cluster, requests: Requests, concurrency: int, params: SamplingP
         wall = time.perf_counter() - t0
         cluster.wait_idle(60)
         after = cluster.metrics_snapshot()
+        retracked = retrack(results)
         outs = [results[i][0] for i in range(len(requests))]
         if first is None:
             first = [list(o.token_ids) for o in outs]
@@ -326,7 +339,7 @@ def run_cluster(cluster, requests: Requests, concurrency: int, params: SamplingP
                              "verify_steps": len(outs[i].stats["accepted_lengths"])}
                             for i in range(len(requests))],
             "metrics": delta, "wall_per_step_s": step_s, "forward_per_step_s": forward_s,
-            "control_plane_share": overhead,
+            "control_plane_share": overhead, "oracle_retracked": retracked,
             "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
             "tpot_p50_s": _pct(tpot, 0.5), "tpot_p99_s": _pct(tpot, 0.99),
             **_aggregate_stats([o.stats for o in outs]),
@@ -357,11 +370,13 @@ def arrival_stats(per_request: list[dict], duration_s: float, *, slo_ttft_s: flo
 
 
 def run_arrivals(cluster, requests: Requests, schedule: list[float], params: SamplingParams, *,
-                 slo_ttft_s: float, slo_tpot_s: float, repetitions: int = 3, max_positions: int = 4) -> dict:
+                 slo_ttft_s: float, slo_tpot_s: float, repetitions: int = 3, max_positions: int = 4,
+                 retrack_oracle: bool = False) -> dict:
     """Open loop: request i is sent ``schedule[i]`` seconds after the start, whatever is running.
 
     TTFT and latency are the client's, from the *scheduled* arrival (a late send counts against
     the system); TPOT = (latency - TTFT) / (tokens - 1). Every repetition replays the same schedule.
+    ``retrack_oracle``: as in ``run_cluster``, after each repetition.
     """
     if len(schedule) != len(requests):
         raise ValueError(f"{len(schedule)} arrival times for {len(requests)} requests")
@@ -409,6 +424,10 @@ def run_arrivals(cluster, requests: Requests, schedule: list[float], params: Sam
         cluster.wait_idle(60)
         after = cluster.metrics_snapshot()
         outputs = [r.get("output", []) for r in recs]
+        retracked = None
+        if retrack_oracle:
+            retracked = cluster.retrack_oracle([{"prompt": list(requests.prompt_ids[r["request"]]), "output": r["output"]}
+                                                for r in recs if r.get("output")])
         if first_outputs is None:
             first_outputs = outputs
         stats = [r.pop("stats") for r in recs if "stats" in r]
@@ -418,7 +437,7 @@ def run_arrivals(cluster, requests: Requests, schedule: list[float], params: Sam
         reps.append({**arrival_stats(recs, duration, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s),
                      "wall_s": duration, "send_lateness_p99_s": _pct(lateness, 0.99),
                      "metrics": _metric_delta(before, after, max_positions), "per_request": recs,
-                     **_aggregate_stats(stats)})
+                     "oracle_retracked": retracked, **_aggregate_stats(stats)})
     return {"reps": reps, "outputs": first_outputs}
 
 
