@@ -239,9 +239,10 @@ class DraftWorker:
             self._tokens[req_id] = list(tokens)
             self._params[req_id] = params
         ids = list(drafts)
-        # a proposal that first prefills a long catch-up (a new request's prompt) is not a cost sample
-        long_catch_up = any(self.proposer.catch_up_length(r, self._tokens[r]) > 2 * self.max_draft_tokens + 2
-                            for r in ids)
+        # a proposal that first prefills a long catch-up (a new request's prompt, the tokens of steps
+        # the draft sat out) is no drafting cost sample; it is one of the catch-up's cost
+        catch_ups = [self.proposer.catch_up_length(r, self._tokens[r]) for r in ids]
+        long_catch_up = any(n > 2 * self.max_draft_tokens + 2 for n in catch_ups)
         t0, (captures, capture_s) = time.perf_counter(), self._capture_stats()
         proposals, hits, extended = self._proposals(ids, drafts)
         if ids:
@@ -257,6 +258,8 @@ class DraftWorker:
                  "propose_s": 0.0 if captured else t1 - t0, "speculate_s": t2 - t1,
                  "propose_wall_s": t1 - t0}  # the real time, also when it is no cost sample
         now_captures, now_capture_s = self._capture_stats()
+        if long_catch_up and now_captures == captures:  # the drafting levels' share is small; it stays in
+            reply["catch_up_tokens"], reply["catch_up_s"] = sum(catch_ups), t1 - t0
         if now_captures != captures:
             reply["captures"], reply["capture_s"] = now_captures - captures, now_capture_s - capture_s
         return reply

@@ -9,13 +9,19 @@
 #     draft proposal wall time and run-ahead counts in adaptive/results.json.
 # Order by priority (each section packs its results, so a cut-short call still returns them):
 # tests, 1B target-only, adaptive, 8B target-only. UNFUSED=1 drops --fused-kernels; CAPTURE_AT_START=1
-# has the adaptive section's workers capture their decode/verify graphs at start. ~8 minutes.
+# has the adaptive section's workers capture their decode/verify graphs at start. SECTIONS (default
+# "tests 1B adaptive 8B") picks sections, e.g. SECTIONS=adaptive; ADAPTIVE_S (default 200) is the
+# adaptive section's time limit. ~8 minutes for all.
 # Results: $OUT/results.tgz.
 source benchmarks/gpu_common.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/run/gpu.txt"
-stamp "run-ahead tests on the GPU (CUDA graphs, device-fed pipelined steps)"
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_run_ahead.py > "$OUT/run/test_run_ahead.txt" 2>&1
-tail -3 "$OUT/run/test_run_ahead.txt"
+sections=" ${SECTIONS:-tests 1B adaptive 8B} "
+want() { [[ "$sections" == *" $1 "* ]]; }
+if want tests; then
+  stamp "run-ahead tests on the GPU (CUDA graphs, device-fed pipelined steps)"
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_run_ahead.py > "$OUT/run/test_run_ahead.txt" 2>&1
+  tail -3 "$OUT/run/test_run_ahead.txt"
+fi
 extra=(--fused-kernels); [ "${UNFUSED:-0}" = 1 ] && extra=()
 common=(--prompts /tmp/demo/specbench-dev.jsonl --tokenizer /tmp/demo/tokenizer --categories writing,summarization
         --max-tokens 48 --repetitions 3 --shape-dir /tmp/shapes --no-plots "${extra[@]}")
@@ -26,12 +32,15 @@ target_only() {  # $1 = shape
     --name "target-only-$1" --out "$OUT/run/target-only-$1" 2> "$OUT/run/target-only-$1.log"
   grep -E "\->|rror|skip" "$OUT/run/target-only-$1.log" | tail -8; pack
 }
-target_only 1B
+want 1B && target_only 1B
+if want adaptive; then
 stamp "adaptive (1B)"
-timeout 220 python3 -m cluster.cli bench "${common[@]}" --per-category 2 --adaptive both --concurrency 1,8,32,64 ${CAPTURE_AT_START:+--capture-at-start} \
-  --time-limit-s 200 --cost-batches 1,8,32,64 --cost-tokens 1,2,4,8,16,32,64 --cluster-cost-table measured \
+adaptive_s=${ADAPTIVE_S:-200}  # the section's time limit (SECTIONS=adaptive alone can afford ~450)
+timeout $((adaptive_s + 20)) python3 -m cluster.cli bench "${common[@]}" --per-category 2 --adaptive both --concurrency 1,8,32,64 ${CAPTURE_AT_START:+--capture-at-start} \
+  --time-limit-s "$adaptive_s" --cost-batches 1,8,32,64 --cost-tokens 1,2,4,8,16,32,64 --cluster-cost-table measured \
   --model "shape:1B@oracle:0.8:self:4#cost-curve,cluster-target-only,cluster-colocated-overlap" \
   --name adaptive --out "$OUT/run/adaptive" 2> "$OUT/run/adaptive.log"
 grep -E "\->|rror|skip" "$OUT/run/adaptive.log" | tail -16; pack
-target_only 8B
+fi
+want 8B && target_only 8B
 stamp "done"; pack

@@ -124,7 +124,8 @@ class Engine:
         self._draft_pending: list[ray.ObjectRef] = []  # draft step calls made through Ray
         self._draft_inflight = 0  # draft step replies not yet read from its step channel
         self._token_msgs = 0
-        self._draft_stale: set[int] = set()  # requests whose latest tokens the draft has not been sent
+        # requests whose latest tokens the draft has not been sent -> how many of their tokens it has
+        self._draft_stale: dict[int, int] = {}
         self._draft_frees: list[int] = []  # freed requests the draft has not been told about
         self._dead: str | None = None
         self._recovering: str | None = None
@@ -281,8 +282,10 @@ class Engine:
                 if out.get("tokens_sent", True):
                     self._token_msgs += 1
                 else:
-                    self._draft_stale.update(r.req_id for r in admitted)
-                    self._draft_stale.update(r.req_id for r in running)
+                    for r in admitted:  # the draft never saw these prompts
+                        self._draft_stale.setdefault(r.req_id, 0)
+                    for r in running:  # nor this step's tokens (emitted below) and what follows
+                        self._draft_stale.setdefault(r.req_id, len(r.state.tokens))
             else:
                 self._draft_lost(WorkerFailure(DRAFT, "lost", "the target lost the draft link"))
         results = out["results"]
@@ -331,7 +334,7 @@ class Engine:
         """Whole token lists of the running requests the draft missed tokens of (and forget the rest)."""
         if not self._draft_stale:
             return []
-        stale, self._draft_stale = self._draft_stale, set()
+        stale, self._draft_stale = self._draft_stale, {}
         with self._lock:
             live = [self._requests.get(req_id) for req_id in stale]
         return [(r.req_id, list(r.state.tokens), r.state.params) for r in live if r is not None and r.prefilled]
@@ -491,7 +494,10 @@ class Engine:
             left = r.state.params.max_tokens - len(r.state.output) - 1  # the bonus token is free
             room = self.max_context - len(r.state.tokens) - 1
             caps[r.req_id] = max(0, min(left, room))
-        self._decision = self.policy.choose([r.req_id for r in running], caps)
+        # what the draft would first have to catch up on for a request it sat steps out of
+        resume = {r.req_id: len(r.state.tokens) - self._draft_stale[r.req_id]
+                  for r in running if r.req_id in self._draft_stale}
+        self._decision = self.policy.choose([r.req_id for r in running], caps, resume)
         return {r.req_id: min(self._decision.k_for(r.req_id), caps[r.req_id]) for r in running}
 
     def _observe_step(self, admitted: list[_Request], running: list[_Request], results: dict, out: dict,
@@ -539,7 +545,7 @@ class Engine:
             self.workers.restart(DRAFT)
             return
         self._token_msgs = 0
-        self._draft_stale = set()
+        self._draft_stale = {}
         self._draft_frees = []
         with self._lock:
             self._draft_backlog = [(r.req_id, list(r.state.tokens), r.state.params)
@@ -585,7 +591,7 @@ class Engine:
             self._die(f"the target worker group could not be re-formed: {again}")
             return
         self._token_msgs = 0
-        self._draft_stale = set()
+        self._draft_stale = {}
         self._draft_frees = []
         self._draft_next_check = 0.0
 

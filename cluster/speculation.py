@@ -2,9 +2,10 @@
 
 ``SpeculationControl`` binds the pieces of ``cluster.speculation_policy`` to one engine:
 ``choose`` before a step (per-request caps: the tokens a request may still emit and its room in
-the context), ``observe_verdict`` per request and ``observe_costs`` per step after it. Measured
-costs only: the target's own forward time (not its wait for proposals) and the draft's drafting
-time, each at the batch size it ran with.
+the context; per-request tokens the draft would first have to catch up on), ``observe_verdict``
+per request and ``observe_costs`` per step after it. Measured costs only: the target's own forward
+time (not its wait for proposals), the draft's drafting time, each at the batch size it ran with,
+and the draft's catch-up time for the missed tokens it fed (calls that began with a long one).
 
 Invariants: with ``adaptive=False`` every request gets ``num_draft_tokens`` (capped); the
 estimates keep learning either way, so the metrics show acceptance and predicted goodput even for
@@ -62,7 +63,8 @@ class SpeculationControl:
         self._reused = 0
         self._off_by_class: dict[int, bool] = {}  # size class -> its latest fresh decision was "off"
 
-    def choose(self, req_ids: Sequence[Hashable], caps: Mapping[Hashable, int]) -> SpecDecision:
+    def choose(self, req_ids: Sequence[Hashable], caps: Mapping[Hashable, int],
+               resume: Mapping[Hashable, int] | None = None) -> SpecDecision:
         key = tuple(req_ids)
         if self._last is not None:
             last_key, last = self._last
@@ -74,7 +76,7 @@ class SpeculationControl:
                     and self._reused < REDECIDE_OFF_EVERY - 1):
                 self._reused += 1
                 return last
-        decision = self.policy.choose(req_ids, caps)
+        decision = self.policy.choose(req_ids, caps, resume)
         self._last, self._reused = (key, decision), 0
         if key:
             self._off_by_class[_size_class(len(key))] = (not any(decision.per_request.values())
@@ -100,6 +102,8 @@ class SpeculationControl:
         if draft and draft.get("levels") and draft.get("batch"):
             if draft.get("hits", 0) == 0 and draft.get("propose_s", 0) > 0:
                 self.costs.observe_draft(draft["batch"], draft["levels"], draft["propose_s"])
+        if draft and draft.get("catch_up_s") and draft.get("catch_up_tokens"):
+            self.costs.observe_catch_up(draft["catch_up_tokens"], draft["catch_up_s"])
 
     def forget(self, req_id: Hashable) -> None:
         self.estimator.forget(req_id)

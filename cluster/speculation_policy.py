@@ -2,10 +2,11 @@
 
 The engine calls, once per step::
 
-    decision = policy.choose(req_ids, caps)        # before the step: how many draft tokens each
+    decision = policy.choose(req_ids, caps, resume)  # before the step: how many draft tokens each
     ...run the step...
     estimator.observe(req_id, proposed, accepted)  # after it, per request
     costs.observe_verify(B, n, seconds); costs.observe_draft(B, k, seconds)
+    costs.observe_catch_up(N, seconds)             # a draft call that first fed N missed tokens
 
 Three pieces, each usable alone:
 
@@ -30,10 +31,15 @@ Three pieces, each usable alone:
   decayed observations; away from them, the base's shape anchored to the nearest fitted level.
   The knots are made non-decreasing by isotonic regression, so more tokens never predict less
   time. Details in ``_Curve``.
+  A third curve, ``catch_up_time(N)``, is the draft's cost of first feeding N tokens it missed
+  (an eager forward: a prompt it never saw, or the tokens of steps it sat out), learned the same
+  way from the draft calls that began with such a catch-up.
 * ``GoodputPolicy`` — for each batch-wide k in ``[min_draft_tokens, max_draft_tokens]``, predicts
   expected tokens per step, step time and goodput (tokens/s) and picks the best k; then, per
   request, drops draft tokens whose expected yield does not pay for their verify cost (see
-  ``GoodputPolicy``). ``FixedPolicy`` has the same interface for a fixed k (``adaptive=False``).
+  ``GoodputPolicy``). Resuming a draft that sat steps out costs its catch-up, amortised over the
+  steps the decision is expected to last. ``FixedPolicy`` has the same interface for a fixed k
+  (``adaptive=False``).
 
 Invariants: every predicted time is > 0 (``draft_time(B, 0) == 0``: no drafting); predicted verify
 time is non-decreasing in ``B * n``; rates lie in [0, 1]; ``choose`` never gives a request more
@@ -323,13 +329,16 @@ class StepCostModel:
     ``decay`` is applied per quarter-octave bin on each of its observations, so a bin remembers
     about 1 / (1 - decay) recent observations. ``draft_time`` is linear in the number of levels
     (a fixed per-call overhead, e.g. catching up on the emitted tokens, is folded into the rate).
+    ``catch_up_time(N)`` is the draft's cost of first feeding N missed tokens in one eager forward;
+    its base is ``catch_up_factor`` times the draft curve at N tokens (one level of N sequences,
+    replayed from a graph where the table was measured), corrected online by ``observe_catch_up``.
     """
 
     def __init__(self, *, fixed_s: float = 0.02, knee_tokens: float = 128.0, draft_ratio: float = 0.1,
                  decay: float = 0.95, verify_points: Iterable[Sequence[float]] | None = None,
-                 draft_points: Iterable[Sequence[float]] | None = None) -> None:
-        if not (fixed_s > 0 and knee_tokens > 0 and draft_ratio > 0):
-            raise ValueError("fixed_s, knee_tokens and draft_ratio must be positive")
+                 draft_points: Iterable[Sequence[float]] | None = None, catch_up_factor: float = 3.0) -> None:
+        if not (fixed_s > 0 and knee_tokens > 0 and draft_ratio > 0 and catch_up_factor > 0):
+            raise ValueError("fixed_s, knee_tokens, draft_ratio and catch_up_factor must be positive")
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {decay}")
         prior = _roofline(fixed_s, knee_tokens)
@@ -343,6 +352,7 @@ class StepCostModel:
             draft_base = _base_from_points(pts, draft_ratio * prior)
         self._verify = _Curve(verify_base, decay)
         self._draft = _Curve(draft_base, decay)
+        self._catch_up = _Curve(catch_up_factor * draft_base, decay)
 
     @classmethod
     def from_table(cls, table: Mapping | str | Path, **kwargs) -> StepCostModel:
@@ -369,6 +379,11 @@ class StepCostModel:
         if batch_size >= 1 and num_tokens >= 1:
             self._draft.observe(batch_size, seconds / num_tokens)
 
+    def observe_catch_up(self, num_tokens: int, seconds: float) -> None:
+        """A draft call that first fed ``num_tokens`` tokens it had missed took ``seconds`` for that."""
+        if num_tokens >= 1:
+            self._catch_up.observe(num_tokens, seconds)
+
     # predictions ----------------------------------------------------------------------------
 
     def verify_time(self, batch_size: float, tokens_per_seq: float) -> float:
@@ -385,9 +400,14 @@ class StepCostModel:
             return 0.0
         return num_tokens * self._draft(max(batch_size, 1.0))
 
+    def catch_up_time(self, num_tokens: float) -> float:
+        """Seconds for the draft to feed ``num_tokens`` missed tokens before drafting (0 for none)."""
+        return self._catch_up(num_tokens) if num_tokens >= 1 else 0.0
+
     @property
     def num_observations(self) -> dict[str, int]:
-        return {"verify": self._verify.observations, "draft": self._draft.observations}
+        return {"verify": self._verify.observations, "draft": self._draft.observations,
+                "catch_up": self._catch_up.observations}
 
 
 def _check_point(row: Sequence[float], width: int, name: str) -> tuple[float, ...]:
@@ -414,6 +434,7 @@ class Candidate:
     step_s: float
     goodput: float  # expected_tokens / step_s, tokens per second
     num_draft_tokens: int  # sum of the per-request k
+    resume_s: float = 0.0  # the draft's catch-up for this allocation, amortised per step (in step_s)
 
 
 @dataclass(frozen=True)
@@ -469,6 +490,8 @@ class _Batch:
     rates: np.ndarray  # [B, D]
     costs: StepCostModel
     overlap: bool
+    resume: np.ndarray | None = None  # [B] tokens the draft must catch up on before drafting for r
+    left: float = math.inf  # mean tokens the requests may still emit (bounds the amortisation)
     cum: np.ndarray = field(init=False)  # cum[r, j] = P(first j + 1 drafts of r accepted)
 
     def __post_init__(self) -> None:
@@ -500,8 +523,26 @@ class _Batch:
                 misses = float((1.0 - hit).sum()) / p_any_miss  # expected misses, given at least one
                 penalty = p_any_miss * self.costs.draft_time(max(1.0, misses), levels)
             step = max(draft, verify) + penalty
+        resume_s = 0.0
+        if self.resume is not None and levels > 0:
+            missed = float(self.resume[per_req > 0].sum())
+            if missed >= 1:
+                # paid once, then the decision lasts about RESUME_HORIZON steps (fewer near the end)
+                steps = min(RESUME_HORIZON, max(1.0, self.left * batch / tokens))
+                resume_s = self.costs.catch_up_time(missed) / steps
+                step += resume_s
         return Candidate(k=k, expected_tokens=tokens, draft_s=draft, verify_s=verify, step_s=step,
-                         goodput=tokens / step, num_draft_tokens=int(per_req.sum()))
+                         goodput=tokens / step, num_draft_tokens=int(per_req.sum()), resume_s=resume_s)
+
+
+RESUME_HORIZON = 8.0  # steps a decision to resume drafting is expected to last (cf. the controller's reuse)
+PROBE_RESUME_TOKENS = 64  # an explore probe drafts only for requests with at most this much to catch up
+
+
+def _resume_array(ids: Sequence[Hashable], resume: Mapping[Hashable, int] | None) -> np.ndarray | None:
+    if not resume:
+        return None
+    return np.array([max(0, int(resume.get(r, 0))) for r in ids], dtype=float)
 
 
 def _caps_array(ids: Sequence[Hashable], caps: Mapping[Hashable, int] | None, upper: int) -> np.ndarray:
@@ -522,6 +563,12 @@ class GoodputPolicy:
       goodput          E(k) / step time
 
     where draft(k) sums one draft level per depth over the requests still drafting at that depth.
+    Resuming: ``resume[r]`` (optional) is how many tokens the draft has not seen of request r (a
+    prompt it never prefilled, or the tokens of steps it sat out while k was 0). Drafting for r
+    first costs that catch-up, so each k > 0 candidate's step time also carries
+    ``catch_up_time(sum of resume[r] over the requests it drafts for) / H``, with H the steps the
+    decision is expected to last: ``RESUME_HORIZON``, fewer when the requests are nearly done.
+    Switching speculation back on must therefore pay for itself over those steps.
     With ``overlap`` (PEARL-style: the draft speculates the next chain while the target verifies),
     request r's pre-drafted work is usable ("hit") with probability prod_{i<=k_r} alpha_r,i times
     alpha_r,k_r+1 (the draft also guessed the extra target token); on a miss the draft redrafts
@@ -538,7 +585,9 @@ class GoodputPolicy:
     fits for an octave or two around them, so a k that a wrong prior makes look bad might never be
     run and never be corrected. Every ``explore_every``-th decision (0 = never) therefore runs a
     neighbour of the best k instead (alternately k - 1 and k + 1, every request at that k, no
-    refinement), with reason code ``explore``; it does not change the k hysteresis keeps.
+    refinement), with reason code ``explore``; it does not change the k hysteresis keeps. A probe
+    drafts only for the requests with at most ``PROBE_RESUME_TOKENS`` to catch up on (else for the
+    one with the fewest), so that learning never costs a batch of prompt prefills.
     """
 
     def __init__(self, estimator: AcceptanceEstimator, costs: StepCostModel, max_draft_tokens: int,
@@ -556,12 +605,14 @@ class GoodputPolicy:
         self._last_k: int | None = None
         self._decisions = 0
 
-    def choose(self, req_ids: Iterable[Hashable], caps: Mapping[Hashable, int] | None = None) -> SpecDecision:
+    def choose(self, req_ids: Iterable[Hashable], caps: Mapping[Hashable, int] | None = None,
+               resume: Mapping[Hashable, int] | None = None) -> SpecDecision:
         """Draft tokens per request for the next step.
 
         ``caps[r]`` (optional, per request) is a hard upper bound — e.g. the tokens r may still emit
         or has context room for — and wins over ``min_draft_tokens``; requests not in ``caps`` are
-        capped by ``max_draft_tokens`` only.
+        capped by ``max_draft_tokens`` only. ``resume[r]`` (optional): tokens of r the draft must
+        catch up on before it can draft for r (absent: none).
         """
         ids = list(req_ids)
         if not ids:
@@ -571,7 +622,9 @@ class GoodputPolicy:
             only = _Batch(ids, self.estimator.rates_array(ids), self.costs, self.overlap).evaluate(0, cap)
             return SpecDecision(0, dict.fromkeys(ids, 0), len(ids), (only,), "every request capped at k=0",
                                 "capped", self.overlap, only)
-        batch = _Batch(ids, self.estimator.rates_array(ids), self.costs, self.overlap)
+        left = float(np.mean([caps.get(r, math.inf) for r in ids])) if caps else math.inf
+        resume_arr = _resume_array(ids, resume)
+        batch = _Batch(ids, self.estimator.rates_array(ids), self.costs, self.overlap, resume_arr, left)
         candidates, allocations, plain = [], {}, {}
         for k in range(self.min_draft_tokens, self.max_draft_tokens + 1):
             per_req = np.minimum(cap, k)
@@ -593,9 +646,15 @@ class GoodputPolicy:
         reason, code = self._reason(chosen, candidates) + note, "goodput"
         self._decisions += 1
         probe = self._probe(chosen.k)
-        if probe is not None:  # unrefined, so that the probe really runs k tokens for every request
-            best, chosen = chosen, plain[probe]
-            allocations[probe] = np.minimum(cap, probe)
+        if probe is not None:  # unrefined, so that the probe really runs k tokens for each request it drafts for
+            best, alloc = chosen, np.minimum(cap, probe)
+            if resume_arr is not None and probe > 0:  # no probe pays for a batch of catch-ups
+                cheap = resume_arr <= PROBE_RESUME_TOKENS
+                if not cheap.any():
+                    cheap = np.arange(len(ids)) == int(np.argmin(np.where(alloc > 0, resume_arr, np.inf)))
+                alloc = np.where(cheap, alloc, 0)
+            chosen = plain[probe] if np.array_equal(alloc, np.minimum(cap, probe)) else batch.evaluate(probe, alloc)
+            allocations[probe] = alloc
             reason = (f"explore k={probe} (every {self.explore_every} steps): predicted {chosen.goodput:.0f} tok/s "
                       f"vs {best.goodput:.0f} at k={best.k}")
             code = "explore"
@@ -651,7 +710,8 @@ class FixedPolicy:
         self.max_draft_tokens = self.min_draft_tokens = k
         self.estimator, self.costs, self.overlap = estimator, costs, overlap
 
-    def choose(self, req_ids: Iterable[Hashable], caps: Mapping[Hashable, int] | None = None) -> SpecDecision:
+    def choose(self, req_ids: Iterable[Hashable], caps: Mapping[Hashable, int] | None = None,
+               resume: Mapping[Hashable, int] | None = None) -> SpecDecision:
         ids = list(req_ids)
         k = self.max_draft_tokens
         if not ids:
@@ -662,7 +722,8 @@ class FixedPolicy:
             rates = self.estimator.rates_array(ids)
             if rates.shape[1] < k:  # deeper than the estimator tracks: repeat its last position
                 rates = np.concatenate([rates, np.repeat(rates[:, -1:], k - rates.shape[1], axis=1)], axis=1)
-            chosen = _Batch(ids, rates, self.costs, self.overlap).evaluate(k, per_req)
+            left = float(np.mean([caps.get(r, math.inf) for r in ids])) if caps else math.inf
+            chosen = _Batch(ids, rates, self.costs, self.overlap, _resume_array(ids, resume), left).evaluate(k, per_req)
         reason = f"fixed k={k} (adaptive off)"
         if chosen is not None:
             reason += f", predicted goodput {chosen.goodput:.0f} tok/s"

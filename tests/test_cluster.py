@@ -197,11 +197,20 @@ def test_idle_draft_catches_up_after_many_steps_without_drafting(ray_local, chec
     resumes mid-request it catches up with every token it missed, and output stays the target's."""
     from cluster.speculation_policy import FixedPolicy
 
+    class Spy:  # the policy's inputs: how many tokens the draft missed per request
+        def __init__(self, inner):
+            self.inner, self.resumes = inner, []
+
+        def choose(self, ids, caps=None, resume=None):
+            decision = self.inner.choose(ids, caps, resume)
+            self.resumes.append((decision.k, dict(resume or {})))
+            return decision
+
     prompt, params = make_prompts((11,))[0], SamplingParams(max_tokens=80)
     want = expected(target_model, [prompt], [params])[0]
     with Cluster.start(config(checkpoints[0], draft="self:3", num_draft_tokens=3, adaptive=False)) as cluster:
         control = cluster.engine.policy
-        control.policy = FixedPolicy(0)
+        control.policy = spy = Spy(FixedPolicy(0))
 
         async def main():
             stream = await cluster.generate(prompt, params, ignore_eos=True)
@@ -209,11 +218,17 @@ def test_idle_draft_catches_up_after_many_steps_without_drafting(ray_local, chec
             async for chunk in stream:
                 seen += len(chunk.token_ids)
                 if seen >= 30:  # > 16 steps without the draft, then speculate again
-                    control.policy = FixedPolicy(3)
+                    spy.inner = FixedPolicy(3)
             return await stream.result()
 
         out = asyncio.run(main())
         assert out.token_ids == want
+        # the first drafting decision saw what the draft had missed: every token since the first k = 0 step
+        k, resume = next((k, r) for k, r in spy.resumes if k > 0)
+        (missed,) = resume.values()
+        assert 28 <= missed <= 40, spy.resumes
+        assert all(not r for k, r in spy.resumes[spy.resumes.index((k, resume)) + 1:])  # caught up since
+        assert control.costs.num_observations["catch_up"] >= 1  # the draft reported that catch-up's cost
         lengths = out.stats["accepted_lengths"]
         assert set(lengths[:25]) == {1} and max(lengths) > 1  # drafting resumed and was accepted
         # k = 0 steps ran ahead on the target; the first drafting step after them undid one

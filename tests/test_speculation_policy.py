@@ -285,6 +285,47 @@ def test_overlap_model_hides_draft_time_but_charges_misses():
     assert c_bad.step_s > 0.02 + 0.9 * 4 * 0.004  # almost always a miss: the redraft is paid
 
 
+def test_resuming_a_stale_draft_must_pay_for_its_catch_up():
+    """k > 0 for requests the draft sat out first costs the draft's catch-up on the tokens it missed,
+    amortised over RESUME_HORIZON steps (fewer when the requests are nearly done): a modest gain
+    does not pay for re-prefilling whole prompts, while a few missed tokens change nothing."""
+    from cluster.speculation_policy import RESUME_HORIZON
+
+    est = trained_estimator([0.35] * 8)
+    costs = StepCostModel.from_table(flat_verify_table())
+    ids = list(range(4))
+    fresh = GoodputPolicy(est, costs, 4, explore_every=0).choose(ids, {r: 100 for r in ids})
+    assert fresh.k > 0 and fresh.chosen.resume_s == 0.0
+    few = GoodputPolicy(est, costs, 4, explore_every=0).choose(ids, {r: 100 for r in ids}, dict.fromkeys(ids, 3))
+    assert few.k == fresh.k and 0.0 < few.chosen.resume_s < 0.05 * few.chosen.step_s
+    for _ in range(4):  # the draft's measured catch-up: 0.2 s for 4 prompts of 500 tokens
+        costs.observe_catch_up(2000, 0.2)
+    assert costs.catch_up_time(2000) == pytest.approx(0.2, rel=0.1) and costs.catch_up_time(0) == 0.0
+    stale = GoodputPolicy(est, costs, 4, explore_every=0).choose(ids, {r: 100 for r in ids}, dict.fromkeys(ids, 500))
+    assert stale.k == 0, stale.reason
+    on = next(c for c in stale.candidates if c.k == fresh.k)
+    assert on.resume_s == pytest.approx(costs.catch_up_time(2000) / RESUME_HORIZON, rel=0.05)
+    # two tokens left each: the catch-up is amortised over a step or two, not RESUME_HORIZON
+    end = GoodputPolicy(est, costs, 4, explore_every=0).choose(ids, dict.fromkeys(ids, 2), dict.fromkeys(ids, 500))
+    assert next(c for c in end.candidates if c.k == 1).resume_s > 3 * on.resume_s
+
+
+def test_explore_probes_skip_requests_with_long_catch_ups():
+    """A probe (every explore_every decisions) drafts only for requests the draft is nearly current
+    on, or for the single cheapest one: learning never costs a batch of prompt prefills."""
+    from cluster.speculation_policy import PROBE_RESUME_TOKENS
+
+    est = trained_estimator([0.01] * 8)
+    costs = StepCostModel.from_table(flat_verify_table())
+    ids = list(range(4))
+    resume = {0: 400, 1: 3, 2: PROBE_RESUME_TOKENS + 1, 3: 0}
+    probe = GoodputPolicy(est, costs, 4, explore_every=1).choose(ids, None, resume)
+    assert probe.reason_code == "explore" and probe.k == 1
+    assert probe.per_request == {0: 0, 1: 1, 2: 0, 3: 1}
+    costly = GoodputPolicy(est, costs, 4, explore_every=1).choose(ids, None, {0: 900, 1: 700, 2: 800, 3: 650})
+    assert costly.reason_code == "explore" and costly.per_request == {0: 0, 1: 0, 2: 0, 3: 1}
+
+
 def test_hysteresis_keeps_previous_k_when_nearly_as_good():
     est = trained_estimator([0.9] * 8)
     policy = GoodputPolicy(est, StepCostModel.from_table(flat_verify_table()), 8, hysteresis=0.5)
@@ -359,10 +400,11 @@ class _CountingPolicy:
     """Gives every request k and counts how often the engine's control really decided."""
 
     def __init__(self, k: int) -> None:
-        self.k, self.calls = k, 0
+        self.k, self.calls, self.resume = k, 0, None
 
-    def choose(self, req_ids, caps=None):
+    def choose(self, req_ids, caps=None, resume=None):
         self.calls += 1
+        self.resume = resume
         ids = list(req_ids)
         return SpecDecision(self.k, dict.fromkeys(ids, self.k), len(ids), (), "test", "goodput")
 
@@ -423,6 +465,18 @@ def test_control_says_which_batch_sizes_are_expected_to_draft():
     control.choose(list(range(100, 106)), {})
     assert control.expects_drafting(8)  # the class's latest decision drafts again
     fixed = _control(0)
-    fixed.policy.choose = lambda ids, caps: SpecDecision(0, dict.fromkeys(ids, 0), len(ids), (), "k = 0", "fixed")
+    fixed.policy.choose = lambda ids, caps, resume=None: SpecDecision(0, dict.fromkeys(ids, 0), len(ids), (), "k = 0", "fixed")
     fixed.choose([1, 2], {})
     assert fixed.expects_drafting(2)  # only a goodput decision turns the prefill off
+
+
+def test_control_forwards_catch_ups_and_learns_their_cost():
+    """The engine's missed-token counts reach the policy; a draft reply that began with a long
+    catch-up is a sample of the catch-up curve (and not of the drafting curve)."""
+    control = _control(2)
+    control.choose([1, 2], {1: 9, 2: 9}, {2: 40})
+    assert control.policy.resume == {2: 40}
+    control.observe_costs(0, 0, None, {"batch": 2, "levels": 2, "hits": 0, "propose_s": 0.0,
+                                       "catch_up_tokens": 300, "catch_up_s": 0.05})
+    assert control.costs.num_observations == {"verify": 0, "draft": 0, "catch_up": 1}
+    assert control.costs.catch_up_time(300) == pytest.approx(0.05, rel=0.35)
