@@ -161,7 +161,8 @@ class ClusterConfig(BaseModel):
         "compiled at each bucket's first step, captured in the CUDA graphs; not under tensor parallelism).")
     capture_at_start: bool = Field(
         False, description="On GPUs: capture the CUDA graphs of the decode and verify buckets (target Q = 1 and "
-                           "k + 1, draft Q = 1 and 2) for every batch bucket up to max_running and KV bucket up to "
+                           "k + 1, every Q up to k + 1 with adaptive k; draft Q = 1 and 2) for every batch bucket "
+                           "up to max_running and KV bucket up to "
                            "the context at start, so serving meets no capture for them (start time and graph memory).")
     run_ahead: bool = Field(
         True, description="With the socket step transport and one target rank: while the engine handles a "

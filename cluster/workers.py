@@ -81,6 +81,14 @@ class WorkerInfo:
     draft_device: str | None
 
 
+def verify_queries(config: ClusterConfig) -> list[int]:
+    """Tokens per sequence the target's steps may feed: 1 (decode) and k + 1 (a chain verify);
+    with adaptive k every 1 .. k + 1, since the policy may choose any k (an explore probe of
+    k = 1 met an uncaptured Q = 2 bucket inside a timed repetition on an H100, 2026-12-07)."""
+    k = config.num_draft_tokens if config.has_draft else 0
+    return list(range(1, k + 2)) if config.adaptive else sorted({1, k + 1})
+
+
 class WorkerSet:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
@@ -137,13 +145,13 @@ class WorkerSet:
 
     def capture_buckets(self, timeout_s: float) -> dict:
         """Have every worker capture its decode and verify buckets now (``capture_at_start``):
-        target Q = 1 and k + 1, draft Q = 1 and 2, batch buckets up to ``max_running``, KV buckets
-        up to the context (or the KV cache). Returns {role: {"shapes", "captured", "seconds"}}."""
+        target Q = ``verify_queries(config)``, draft Q = 1 and 2, batch buckets up to
+        ``max_running``, KV buckets up to the context (or the KV cache). Returns {role: {"shapes",
+        "captured", "seconds"}}."""
         cfg, info = self.config, self.info
-        k = cfg.num_draft_tokens if self.draft is not None else 0
         max_kv = min(info.max_context, info.target_kv_tokens)
-        calls = [(TARGET, t.capture_buckets.remote(cfg.max_running, sorted({1, k + 1}), max_kv))
-                 for t in self.targets]
+        queries = verify_queries(cfg) if self.draft is not None else [1]
+        calls = [(TARGET, t.capture_buckets.remote(cfg.max_running, queries, max_kv)) for t in self.targets]
         if self.draft is not None:
             draft_kv = min(info.max_context, info.draft_kv_tokens or max_kv)
             calls.append((DRAFT, self.draft.capture_buckets.remote(cfg.max_running, [1, 2], draft_kv)))

@@ -518,3 +518,14 @@ def test_sampling_is_lossless_through_the_cluster(ray_local, tmp_path_factory):
     assert total_variation(counts, probs) < 1.4 * noise_tv(probs, NUM_SAMPLES)
     accepted = [n for o in outs for n in o.stats["accepted_lengths"]]
     assert 1 < np.mean(accepted) < 3  # drafts were accepted sometimes and rejected sometimes
+
+
+def test_capture_at_start_covers_every_k_the_policy_may_choose():
+    """Fixed k verifies with k + 1 tokens per sequence; adaptive k may run any 1 .. k + 1 (explore
+    probes included), so capture_at_start captures them all; target-only decodes only."""
+    from cluster.config import ClusterConfig
+    from cluster.workers import verify_queries
+
+    assert verify_queries(ClusterConfig(target="t", draft="self:1", num_draft_tokens=4, adaptive=False)) == [1, 5]
+    assert verify_queries(ClusterConfig(target="t", draft="self:1", num_draft_tokens=4, adaptive=True)) == [1, 2, 3, 4, 5]
+    assert verify_queries(ClusterConfig(target="t", draft="none")) == [1]
