@@ -83,3 +83,23 @@ def test_retrack_replaces_a_stale_record(setup):
     after = generate(target, prompts, PARAMS, proposer=proposer, num_draft_tokens=3)
     assert [r.token_ids for r in after] == [r.token_ids for r in plain]
     assert rates(after, 3)[1] == 1.0
+
+
+def test_copies_of_a_prompt_follow_the_record_they_match(setup):
+    """Copies of one prompt that decoded differently in a pass are all kept: each request follows
+    the record that matches its tokens (here the true one, listed after a decoy that departs from
+    it half-way), and the emulated acceptance stays exact."""
+    path, target, prompts, plain, recorded = setup
+    records = []
+    for p, r in zip(prompts, plain):
+        half = len(r.token_ids) // 2
+        decoy = r.token_ids[:half] + [(t + 1) % 320 for t in r.token_ids[half:]]
+        records += [{"prompt": p, "output": decoy}, {"prompt": p, "output": r.token_ids}]
+    proposer = build_proposer("oracle:1.0:self:1", target, oracle_continuations=records)
+    spec = generate(target, prompts, PARAMS, proposer=proposer, num_draft_tokens=3)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    # a request may follow the decoy up to the fork (the oracle cannot know the branch ahead of the
+    # target): at most one rejected draft per prompt there, none before or after it
+    # (the last verify of each request may be cut short by max_tokens: not counted)
+    rejected = [sum(1 for length in r.stats["accepted_lengths"][:-1] if length - 1 < 3) for r in spec]
+    assert all(n <= 1 for n in rejected) and sum(rejected) >= 1, rejected

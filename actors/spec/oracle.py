@@ -19,7 +19,9 @@ Invariants:
 * ``retrack`` replaces the recorded continuation of the prompts it is given (the benchmark feeds
   each pass's real outputs to the next pass): bf16 logits of random weights have near-ties, so a
   batched target departs from a batch-1 record, and a stale record would emulate a lower α than
-  the label says. Tracks of live requests are looked up afresh.
+  the label says. One prompt may have several records (its copies in one batched pass can decode
+  differently): a request follows whichever record its tokens so far match, switching when it
+  leaves one for another, and is off the track while it matches none.
 """
 
 from __future__ import annotations
@@ -52,18 +54,28 @@ class OracleProposer(Proposer):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
         self.inner, self.alpha, self.vocab_size, self.seed = inner, alpha, vocab_size, seed
-        self._full: dict[tuple[int, ...], list[int]] = {}
-        self._track: dict[Hashable, list[int] | None] = {}
+        # prompt -> its recorded full sequences (several: copies of one prompt in a batched pass can
+        # decode differently); a request follows the one that matches its tokens so far
+        self._full: dict[tuple[int, ...], list[list[int]]] = {}
+        self._track: dict[Hashable, list[int]] = {}
+        self._off: dict[Hashable, list[int]] = {}
         self.retrack(continuations)
 
     def retrack(self, continuations: Iterable[tuple[Sequence[int], Sequence[int]]]) -> int:
-        """Record (or re-record) the target's continuation of each prompt; returns how many."""
+        """Record (or re-record) the target's continuations; returns how many were given. The
+        prompts given replace their earlier records; several for one prompt are all kept."""
+        fresh: dict[tuple[int, ...], list[list[int]]] = {}
         count = 0
         for prompt, output in continuations:
-            self._full[tuple(prompt)] = list(prompt) + list(output)
+            full = list(prompt) + list(output)
+            records = fresh.setdefault(tuple(prompt), [])
+            if full not in records:
+                records.append(full)
             count += 1
+        self._full.update(fresh)
         self._prompt_lengths = sorted({len(p) for p in self._full}, reverse=True)
         self._track.clear()
+        self._off.clear()
         return count
 
     def __getattr__(self, name: str):  # the wrapped proposer's cache, model, ... (worker introspection)
@@ -71,6 +83,7 @@ class OracleProposer(Proposer):
 
     def finish(self, req_id: Hashable) -> None:
         self._track.pop(req_id, None)
+        self._off.pop(req_id, None)
         self.inner.finish(req_id)
 
     def propose(self, requests: Sequence[ProposeRequest], shape: TreeShape) -> list[Proposal]:
@@ -79,10 +92,10 @@ class OracleProposer(Proposer):
             raise ValueError("the oracle proposes chains only")
         out = []
         for request, proposal in zip(requests, proposals):
-            full = self._full_sequence(request)
             ids = list(request.token_ids)
+            full = self._full_sequence(request.req_id, ids)
             n = len(proposal)
-            if full is None or len(full) < len(ids) or full[: len(ids)] != ids:
+            if full is None:
                 out.append(Proposal.chain(proposal.token_ids))  # off the recorded track
                 continue
             n = min(n, len(full) - len(ids))  # nothing is known past the recorded output
@@ -90,16 +103,26 @@ class OracleProposer(Proposer):
             out.append(Proposal.chain(torch.tensor(tokens, dtype=torch.long)))
         return out
 
-    def _full_sequence(self, request: ProposeRequest) -> list[int] | None:
-        if request.req_id not in self._track:
-            ids = tuple(request.token_ids)
-            found = None
-            for length in self._prompt_lengths:
-                if length <= len(ids) and ids[:length] in self._full:
-                    found = self._full[ids[:length]]
-                    break
-            self._track[request.req_id] = found
-        return self._track[request.req_id]
+    def _full_sequence(self, req_id: Hashable, ids: list[int]) -> list[int] | None:
+        """The recorded sequence that ``ids`` follows (None: off every record). ``ids`` may be a
+        speculated context (overlap drafting assumes its own proposal accepted), so an off-record
+        call does not forget the request's track."""
+        full = self._track.get(req_id)
+        if full is not None and len(full) >= len(ids) and full[: len(ids)] == ids:
+            return full
+        off = self._off.get(req_id)  # a context that matched no record: so does every extension of it
+        if off is not None and len(ids) >= len(off) and ids[: len(off)] == off:
+            return None
+        for length in self._prompt_lengths:
+            records = self._full.get(tuple(ids[:length])) if length <= len(ids) else None
+            if records:
+                found = next((r for r in records if len(r) >= len(ids) and r[: len(ids)] == ids), None)
+                if found is not None:
+                    self._track[req_id] = found
+                    return found
+                break
+        self._off[req_id] = list(ids)
+        return None
 
     def _emulate(self, full: list[int], position: int, depth: int) -> int:
         true = full[position]
