@@ -15,7 +15,9 @@ Cost of deciding: a full decision evaluates every k with numpy (about 1 ms on th
 machine, a visible share of a small model's step), while acceptance rates and step costs move
 slowly. So a decision is reused for the same set of running requests for up to ``REDECIDE_EVERY``
 steps (the engine still caps each request's k by what it may emit); a new or finished request, or
-the limit, triggers a fresh one. A decision that turned speculation off (k = 0 for every request)
+the limit, triggers a fresh one; an explore probe is never reused (it is one step's experiment:
+reused, each probe drafted for 8 steps, and on an H100 a repetition with one cost 20% of its
+throughput). A decision that turned speculation off (k = 0 for every request)
 is reused for any running set of at least ``REUSE_OFF_FROM`` requests in the same power-of-two
 size class, for up to ``REDECIDE_OFF_EVERY`` steps: under load requests come and go nearly every
 step, and re-deciding "off" each time cost the engine more than the decision is worth (a request
@@ -68,7 +70,7 @@ class SpeculationControl:
         key = tuple(req_ids)
         if self._last is not None:
             last_key, last = self._last
-            if last_key == key and self._reused < REDECIDE_EVERY - 1:
+            if last_key == key and self._reused < REDECIDE_EVERY - 1 and last.reason_code != "explore":
                 self._reused += 1
                 return last
             if (len(key) >= REUSE_OFF_FROM and not any(last.per_request.values())

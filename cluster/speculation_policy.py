@@ -537,6 +537,7 @@ class _Batch:
 
 RESUME_HORIZON = 8.0  # steps a decision to resume drafting is expected to last (cf. the controller's reuse)
 PROBE_RESUME_TOKENS = 64  # an explore probe drafts only for requests with at most this much to catch up
+PROBE_BUDGET = 0.02  # a probe that needs a long catch-up waits until it costs at most this share of the time since the last
 
 
 def _resume_array(ids: Sequence[Hashable], resume: Mapping[Hashable, int] | None) -> np.ndarray | None:
@@ -586,8 +587,10 @@ class GoodputPolicy:
     run and never be corrected. Every ``explore_every``-th decision (0 = never) therefore runs a
     neighbour of the best k instead (alternately k - 1 and k + 1, every request at that k, no
     refinement), with reason code ``explore``; it does not change the k hysteresis keeps. A probe
-    drafts only for the requests with at most ``PROBE_RESUME_TOKENS`` to catch up on (else for the
-    one with the fewest), so that learning never costs a batch of prompt prefills.
+    drafts only for the requests with at most ``PROBE_RESUME_TOKENS`` to catch up on; when there
+    are none, for the one with the fewest, and only once that catch-up costs at most
+    ``PROBE_BUDGET`` of the predicted time since the last probe (it waits until then), so that
+    learning never costs a batch of prompt prefills nor a prefill every few steps.
     """
 
     def __init__(self, estimator: AcceptanceEstimator, costs: StepCostModel, max_draft_tokens: int,
@@ -603,7 +606,9 @@ class GoodputPolicy:
         self.min_yield, self.hysteresis = min_yield, hysteresis
         self.explore_every = explore_every
         self._last_k: int | None = None
-        self._decisions = 0
+        self._since_probe = 0  # decisions since the last probe
+        self._elapsed_s = 0.0  # their predicted step time (a decision the controller reuses counts once)
+        self._probes = 0
 
     def choose(self, req_ids: Iterable[Hashable], caps: Mapping[Hashable, int] | None = None,
                resume: Mapping[Hashable, int] | None = None) -> SpecDecision:
@@ -644,15 +649,13 @@ class GoodputPolicy:
                 note = f"; kept k={previous.k} (within {self.hysteresis:.0%} of k={top.k})"
         self._last_k = chosen.k
         reason, code = self._reason(chosen, candidates) + note, "goodput"
-        self._decisions += 1
+        self._since_probe += 1
+        self._elapsed_s += chosen.step_s
         probe = self._probe(chosen.k)
-        if probe is not None:  # unrefined, so that the probe really runs k tokens for each request it drafts for
-            best, alloc = chosen, np.minimum(cap, probe)
-            if resume_arr is not None and probe > 0:  # no probe pays for a batch of catch-ups
-                cheap = resume_arr <= PROBE_RESUME_TOKENS
-                if not cheap.any():
-                    cheap = np.arange(len(ids)) == int(np.argmin(np.where(alloc > 0, resume_arr, np.inf)))
-                alloc = np.where(cheap, alloc, 0)
+        alloc = None if probe is None else self._probe_allocation(probe, np.minimum(cap, probe), resume_arr)
+        if alloc is not None:  # unrefined, so that the probe really runs k tokens for each request it drafts for
+            self._since_probe, self._elapsed_s, self._probes = 0, 0.0, self._probes + 1
+            best = chosen
             chosen = plain[probe] if np.array_equal(alloc, np.minimum(cap, probe)) else batch.evaluate(probe, alloc)
             allocations[probe] = alloc
             reason = (f"explore k={probe} (every {self.explore_every} steps): predicted {chosen.goodput:.0f} tok/s "
@@ -662,11 +665,24 @@ class GoodputPolicy:
         return SpecDecision(chosen.k, per_request, len(ids), tuple(candidates), reason, code, self.overlap, chosen)
 
     def _probe(self, best: int) -> int | None:
-        if not self.explore_every or self._decisions % self.explore_every:
+        """The k to probe now (None: no probe is due)."""
+        if not self.explore_every or self._since_probe < self.explore_every:
             return None
         low, high = self.min_draft_tokens, self.max_draft_tokens
-        order = (best - 1, best + 1) if (self._decisions // self.explore_every) % 2 else (best + 1, best - 1)
+        order = (best + 1, best - 1) if self._probes % 2 else (best - 1, best + 1)
         return next((k for k in order if low <= k <= high), None)
+
+    def _probe_allocation(self, probe: int, alloc: np.ndarray, resume: np.ndarray | None) -> np.ndarray | None:
+        """Who drafts in a probe of ``probe`` tokens (None: not yet, its catch-up is too dear)."""
+        if resume is None or probe == 0:
+            return alloc
+        cheap = resume <= PROBE_RESUME_TOKENS
+        if not cheap.any():  # every request needs a long catch-up: the cheapest one, once it is affordable
+            one = int(np.argmin(np.where(alloc > 0, resume, np.inf)))
+            if self.costs.catch_up_time(float(resume[one])) > PROBE_BUDGET * self._elapsed_s:
+                return None
+            cheap = np.arange(len(resume)) == one
+        return np.where(cheap, alloc, 0)
 
     def _refine(self, batch: _Batch, k: int, per_req: np.ndarray, current: Candidate):
         tokens = len(batch.ids) + int(per_req.sum())

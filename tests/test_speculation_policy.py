@@ -313,7 +313,7 @@ def test_resuming_a_stale_draft_must_pay_for_its_catch_up():
 def test_explore_probes_skip_requests_with_long_catch_ups():
     """A probe (every explore_every decisions) drafts only for requests the draft is nearly current
     on, or for the single cheapest one: learning never costs a batch of prompt prefills."""
-    from cluster.speculation_policy import PROBE_RESUME_TOKENS
+    from cluster.speculation_policy import PROBE_BUDGET, PROBE_RESUME_TOKENS
 
     est = trained_estimator([0.01] * 8)
     costs = StepCostModel.from_table(flat_verify_table())
@@ -322,8 +322,15 @@ def test_explore_probes_skip_requests_with_long_catch_ups():
     probe = GoodputPolicy(est, costs, 4, explore_every=1).choose(ids, None, resume)
     assert probe.reason_code == "explore" and probe.k == 1
     assert probe.per_request == {0: 0, 1: 1, 2: 0, 3: 1}
-    costly = GoodputPolicy(est, costs, 4, explore_every=1).choose(ids, None, {0: 900, 1: 700, 2: 800, 3: 650})
-    assert costly.reason_code == "explore" and costly.per_request == {0: 0, 1: 0, 2: 0, 3: 1}
+    # every request needs a long catch-up: the cheapest one probes, once its catch-up is at most
+    # PROBE_BUDGET of the (predicted) time since the last probe
+    policy = GoodputPolicy(est, costs, 4, explore_every=1)
+    costly = {0: 900, 1: 700, 2: 800, 3: 650}
+    decisions = [policy.choose(ids, None, costly) for _ in range(400)]
+    first = next(i for i, d in enumerate(decisions) if d.reason_code == "explore")
+    waited = sum(d.step_s for d in decisions[: first + 1])
+    assert costs.catch_up_time(650) <= PROBE_BUDGET * waited < costs.catch_up_time(650) + PROBE_BUDGET * 0.03
+    assert first > 1 and decisions[first].per_request == {0: 0, 1: 0, 2: 0, 3: 1}
 
 
 def test_hysteresis_keeps_previous_k_when_nearly_as_good():
@@ -480,3 +487,14 @@ def test_control_forwards_catch_ups_and_learns_their_cost():
                                        "catch_up_tokens": 300, "catch_up_s": 0.05})
     assert control.costs.num_observations == {"verify": 0, "draft": 0, "catch_up": 1}
     assert control.costs.catch_up_time(300) == pytest.approx(0.05, rel=0.35)
+
+
+def test_control_never_reuses_an_explore_probe():
+    """A probe is one step's experiment: the next step of the same running set decides afresh."""
+    control = _control(1)
+    probe = SpecDecision(1, {0: 1, 1: 1}, 2, (), "explore k=1", "explore")
+    control.policy.choose = lambda ids, caps=None, resume=None: probe
+    assert control.choose([0, 1], {}) is probe
+    control.policy = _CountingPolicy(0)
+    control.choose([0, 1], {})
+    assert control.policy.calls == 1
