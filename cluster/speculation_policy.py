@@ -546,6 +546,11 @@ def _resume_array(ids: Sequence[Hashable], resume: Mapping[Hashable, int] | None
     return np.array([max(0, int(resume.get(r, 0))) for r in ids], dtype=float)
 
 
+def _mean_left(ids: Sequence[Hashable], caps: Mapping[Hashable, int] | None) -> float:
+    """Mean tokens the requests may still emit (their caps; unbounded without)."""
+    return float(np.mean([caps.get(r, math.inf) for r in ids])) if caps else math.inf
+
+
 def _caps_array(ids: Sequence[Hashable], caps: Mapping[Hashable, int] | None, upper: int) -> np.ndarray:
     if caps is None:
         return np.full(len(ids), upper, dtype=int)
@@ -627,9 +632,8 @@ class GoodputPolicy:
             only = _Batch(ids, self.estimator.rates_array(ids), self.costs, self.overlap).evaluate(0, cap)
             return SpecDecision(0, dict.fromkeys(ids, 0), len(ids), (only,), "every request capped at k=0",
                                 "capped", self.overlap, only)
-        left = float(np.mean([caps.get(r, math.inf) for r in ids])) if caps else math.inf
         resume_arr = _resume_array(ids, resume)
-        batch = _Batch(ids, self.estimator.rates_array(ids), self.costs, self.overlap, resume_arr, left)
+        batch = _Batch(ids, self.estimator.rates_array(ids), self.costs, self.overlap, resume_arr, _mean_left(ids, caps))
         candidates, allocations, plain = [], {}, {}
         for k in range(self.min_draft_tokens, self.max_draft_tokens + 1):
             per_req = np.minimum(cap, k)
@@ -738,8 +742,8 @@ class FixedPolicy:
             rates = self.estimator.rates_array(ids)
             if rates.shape[1] < k:  # deeper than the estimator tracks: repeat its last position
                 rates = np.concatenate([rates, np.repeat(rates[:, -1:], k - rates.shape[1], axis=1)], axis=1)
-            left = float(np.mean([caps.get(r, math.inf) for r in ids])) if caps else math.inf
-            chosen = _Batch(ids, rates, self.costs, self.overlap, _resume_array(ids, resume), left).evaluate(k, per_req)
+            chosen = _Batch(ids, rates, self.costs, self.overlap, _resume_array(ids, resume),
+                            _mean_left(ids, caps)).evaluate(k, per_req)
         reason = f"fixed k={k} (adaptive off)"
         if chosen is not None:
             reason += f", predicted goodput {chosen.goodput:.0f} tok/s"

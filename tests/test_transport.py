@@ -15,6 +15,24 @@ def _header_len(tensors) -> int:
     return 1 + sum(2 + t.dim() for t in tensors)
 
 
+def _two_ranks(rank) -> list[BaseException]:
+    """Run ``rank(0)`` and ``rank(1)`` on two threads; the exceptions they raised."""
+    errors = []
+
+    def guarded(r: int) -> None:
+        try:
+            rank(r)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return errors
+
+
 def _messages() -> list[list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(3)
     out = [[torch.arange(5)], [torch.zeros(0, dtype=torch.int64)], []]
@@ -31,29 +49,22 @@ def _messages() -> list[list[torch.Tensor]]:
 
 
 def test_messages_cross_the_link_exactly_and_in_order():
-    port, sent, got, errors = free_port(), _messages(), [], []
+    port, sent, got = free_port(), _messages(), []
     done = threading.Barrier(2, timeout=60)  # close only once everything arrived
 
     def rank(r: int) -> None:
-        try:
-            link = Transport("127.0.0.1", port, r, 2, "cpu", time_round_trips=True, timeout_s=60)
-            if r == 1:
-                for message in sent:
-                    link.send(message, 0)
-                link.isend(sent[-1], 0)  # an asynchronous send arrives the same way
-            else:
-                got.extend(link.recv(1) for _ in range(len(sent) + 1))
-                assert link.round_trip_s is not None and link.round_trip_s > 0
-            done.wait()
-            link.close()
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
+        link = Transport("127.0.0.1", port, r, 2, "cpu", time_round_trips=True, timeout_s=60)
+        if r == 1:
+            for message in sent:
+                link.send(message, 0)
+            link.isend(sent[-1], 0)  # an asynchronous send arrives the same way
+        else:
+            got.extend(link.recv(1) for _ in range(len(sent) + 1))
+            assert link.round_trip_s is not None and link.round_trip_s > 0
+        done.wait()
+        link.close()
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = _two_ranks(rank)
     assert not errors, errors
     assert len(got) == len(sent) + 1
     for want, have in zip(sent + [sent[-1]], got):
@@ -67,19 +78,12 @@ def test_messages_cross_the_link_exactly_and_in_order():
 def test_a_silent_peer_is_a_lost_peer():
     from actors.transport import PeerLostError
 
-    port, errors, links = free_port(), [], {}
+    port, links = free_port(), {}
 
     def rank(r: int) -> None:
-        try:
-            links[r] = Transport("127.0.0.1", port, r, 2, "cpu", timeout_s=30)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
+        links[r] = Transport("127.0.0.1", port, r, 2, "cpu", timeout_s=30)
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    errors = _two_ranks(rank)
     assert not errors, errors
     with pytest.raises(PeerLostError):
         links[0].recv(1, timeout_s=0.3)
