@@ -225,6 +225,7 @@ class DraftWorker:
         """Run one engine step -> timings and overlap hit counts. ``verify_s``: the engine's estimate
         of the target's verify time, which bounds the speculation (None: unbounded)."""
         self._verify_s = verify_s
+        t_in = time.perf_counter()
         for req_id in free_ids:
             self._forget(req_id)
         # the target's tokens messages first, then the engine's entries: a new request, or the
@@ -245,6 +246,7 @@ class DraftWorker:
         long_catch_up = any(n > 2 * self.max_draft_tokens + 2 for n in catch_ups)
         t0, (captures, capture_s) = time.perf_counter(), self._capture_stats()
         proposals, hits, extended = self._proposals(ids, drafts)
+        t_proposed = time.perf_counter()
         if ids:
             self.link.send(pack_proposals(ids, [proposals[r] for r in ids]), TARGET_RANK)
         t1 = time.perf_counter()
@@ -256,7 +258,9 @@ class DraftWorker:
                  "levels": max((len(p) for p in proposals.values()), default=0),
                  "hits": hits, "misses": (len(ids) - hits) if self.overlap else 0, "extended": extended,
                  "propose_s": 0.0 if captured else t1 - t0, "speculate_s": t2 - t1,
-                 "propose_wall_s": t1 - t0}  # the real time, also when it is no cost sample
+                 "propose_wall_s": t1 - t0,  # the real time, also when it is no cost sample
+                 "phases": {"recv_tokens": t0 - t_in, "propose": t_proposed - t0, "send": t1 - t_proposed,
+                            "speculate": t2 - t1}}
         now_captures, now_capture_s = self._capture_stats()
         if long_catch_up and now_captures == captures:  # the drafting levels' share is small; it stays in
             reply["catch_up_tokens"], reply["catch_up_s"] = sum(catch_ups), t1 - t0

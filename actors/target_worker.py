@@ -189,7 +189,9 @@ class TargetWorker:
 
     def _step(self, step_id: int, new: list[NewRequest], req_ids: list[int], draft_req_ids: list[int],
               free_ids: list[int], send_tokens: bool) -> dict:
+        tw = time.perf_counter()
         proposals = self._receive_proposals(step_id, draft_req_ids)
+        wait_s = time.perf_counter() - tw
         self.free(free_ids)
         for req_id, prompt, params in new:
             self.cache.add_sequence(req_id)
@@ -205,12 +207,15 @@ class TargetWorker:
             return {"results": {}, "draft_link": self.link is not None}
         t0, captures, capture_s = time.perf_counter(), self.runner.stats["captures"], self.runner.stats["capture_s"]
         batch = self.runner.build(steps)
+        t_built = time.perf_counter()
         logits = self.runner.forward(batch)
+        t_launched = time.perf_counter()
         if self.tp_rank != LEADER:
             return self._follow(new, plan)
         ids = [r for r, _, _ in new] + [r for r, _ in plan]
         verdicts = verify_batch([Proposal.empty()] * len(new) + [p for _, p in plan], logits, batch.logits_counts,
                                 [self._params[r] for r in ids], [self._generators[r] for r in ids])
+        t_verified = time.perf_counter()
         emitted, paths, stats = {}, {}, {}
         for (req_id, _, _), verdict in zip(new, verdicts[: len(new)]):
             emitted[req_id] = verdict.token_ids
@@ -226,10 +231,15 @@ class TargetWorker:
                 self.tp.isend(pack_tokens(wire_paths) + pack_tokens(emitted), rank)
         for req_id, path in paths.items():
             self.cache.commit(req_id, path)
+        t_committed = time.perf_counter()
         reply = self._emit(emitted, stats, send_tokens)
+        t_end = time.perf_counter()
         # a step that captured a CUDA graph is not a cost sample (capture takes ~100x a replay)
         new_captures = self.runner.stats["captures"] - captures
-        reply["forward_s"] = None if new_captures else time.perf_counter() - t0
+        reply["forward_s"] = None if new_captures else t_end - t0
+        reply["phases"] = {"wait_proposals": wait_s, "build": t_built - t0, "launch": t_launched - t_built,
+                           "verify": t_verified - t_launched, "commit": t_committed - t_verified,
+                           "emit": t_end - t_committed}
         if new_captures:
             reply["captures"] = new_captures
             reply["capture_s"] = self.runner.stats["capture_s"] - capture_s

@@ -117,6 +117,7 @@ class Engine:
         self._aborts: set[int] = set()
         self._frees: list[int] = []  # finished requests whose KV the workers still hold
         self._step_id = 0
+        self._last_step_end: float | None = None  # perf_counter at the last step's end (None after idling)
         self._draft_up = workers.draft is not None
         self._draft_next_check = 0.0
         self._draft_backlog: list = []  # (req_id, tokens, params) to hand to a re-connected draft
@@ -216,6 +217,7 @@ class Engine:
                     admitted = [self._requests[r] for r in self.scheduler.admit()]
                     running = [r for r in self._requests.values() if r.prefilled]
                 if not admitted and not running:
+                    self._last_step_end = None  # an idle wait is no step phase
                     self._flush_frees()
                     self._publish_queue()
                     with self._lock:
@@ -237,6 +239,7 @@ class Engine:
     def _step(self, admitted: list[_Request], running: list[_Request]) -> None:
         self._step_id += 1
         step_id = self._step_id
+        t_start = time.perf_counter()
         draft_ks = self._choose_draft_lengths(running) if self._draft_up else {}
         draft_ids = [r for r, k in draft_ks.items() if k > 0]
         new = [(r.req_id, list(r.state.tokens), r.state.params) for r in admitted]
@@ -272,8 +275,10 @@ class Engine:
             target_refs = [t.step.remote(*args) for t in self.workers.targets]
             if draft_args is not None:
                 draft_ref = self._send_draft(draft_args)
+        t_sent = time.perf_counter()
         out = self._wait_channels(channels) if target_refs is None else self._wait_target(target_refs, draft_ref)
-        elapsed = time.perf_counter() - t0
+        t_replied = time.perf_counter()
+        elapsed = t_replied - t0
         if draft_ids and out.get("forward_s"):  # the window an overlapping draft's speculation hides in
             v = float(out["forward_s"])
             self._verify_s = v if self._verify_s is None else VERIFY_DECAY * self._verify_s + (1 - VERIFY_DECAY) * v
@@ -300,6 +305,13 @@ class Engine:
             self._emit(r, res["token_ids"], now)
         self._observe_step(admitted, running, results, out, elapsed)
         self._publish_queue()
+        t_end = time.perf_counter()
+        # "between": from the previous step's end to this one's start (the loop: aborts, admission)
+        between = 0.0 if self._last_step_end is None else t_start - self._last_step_end
+        self._last_step_end = t_end
+        self.metrics.on_phases("engine", {"plan": t_sent - t_start, "wait": t_replied - t_sent,
+                                          "apply": t_end - t_replied, "between": between})
+        self.metrics.on_phases("target", out.get("phases"))
 
     def _expect_plain_decode(self, draft_ids: list[int]) -> bool:
         """Whether the step after this one is likely a plain decode of the running batch: run-ahead

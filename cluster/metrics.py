@@ -35,6 +35,8 @@ draft_propose_wall_seconds_total               counter    draft proposals' wall 
 graph_captures_total{role}                     counter    CUDA graphs captured by a worker (role target|draft) while serving
 graph_capture_seconds_total{role}              counter    ... and the seconds they took (on the step's critical path)
 target_run_ahead_total{outcome}                counter    target steps run ahead: used (answered at once) or discarded
+step_phase_seconds_total{role, phase}          counter    where engine steps spend their time, by role engine|target|draft
+                                                          and phase (``STEP_PHASES``): the step's profile
 draft_worker_up                                gauge      1 while the draft worker serves, else 0
 engine_steps_total                             counter    engine steps
 =============================================  =========  ==============================================
@@ -62,12 +64,19 @@ from prometheus_client import (
     generate_latest,
 )
 
-__all__ = ["CONTENT_TYPE", "KV_ROLES", "REQUEST_STATUSES", "EngineMetrics"]
+__all__ = ["CONTENT_TYPE", "KV_ROLES", "REQUEST_STATUSES", "STEP_PHASES", "EngineMetrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 REQUEST_STATUSES = ("finished", "aborted", "failed")
 KV_ROLES = ("target", "draft")
 RUN_AHEAD_OUTCOMES = ("used", "discarded")
+# the phases of an engine step, by role (wall seconds; a target's "verify" holds the GPU time of its
+# forward, which its launch does not wait for)
+STEP_PHASES = {
+    "engine": ("plan", "wait", "apply", "between"),  # choose k + send; until the target's reply; emit; loop
+    "target": ("wait_proposals", "build", "launch", "verify", "commit", "emit"),
+    "draft": ("recv_tokens", "propose", "send", "speculate", "ahead"),
+}
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -160,6 +169,9 @@ class EngineMetrics:
                                     "Draft link: one proposal-sized message there and back, timed when it was formed.",
                                     registry=r)
         self.steps = Counter("outrider_engine_steps_total", "Engine steps.", registry=r)
+        self.step_phase = Counter("outrider_step_phase_seconds_total",
+                                  "Wall seconds of engine steps by role (engine|target|draft) and phase.",
+                                  ["role", "phase"], registry=r)
 
         for status in REQUEST_STATUSES:  # expose zeros, so rates exist before the first event
             self.requests.labels(status=status, finish_reason="none")
@@ -169,6 +181,9 @@ class EngineMetrics:
             self.graph_capture_seconds.labels(role=role)
         for outcome in RUN_AHEAD_OUTCOMES:
             self.run_ahead.labels(outcome=outcome)
+        for role, phases in STEP_PHASES.items():
+            for phase in phases:
+                self.step_phase.labels(role=role, phase=phase)
 
     # ------------------------------------------------------------------ engine calls
 
@@ -210,6 +225,7 @@ class EngineMetrics:
         if stats.get("propose_wall_s"):
             self.draft_propose_wall.inc(max(0.0, stats["propose_wall_s"]))
         self.on_graph_captures("draft", stats.get("captures", 0), stats.get("capture_s", 0.0))
+        self.on_phases("draft", stats.get("phases"))
 
     def on_graph_captures(self, role: str, count: int, seconds: float) -> None:
         """A worker (``role`` target|draft) captured ``count`` CUDA graphs in a step, taking ``seconds``."""
@@ -218,6 +234,16 @@ class EngineMetrics:
         if count:
             self.graph_captures.labels(role=role).inc(count)
             self.graph_capture_seconds.labels(role=role).inc(max(0.0, seconds))
+
+    def on_phases(self, role: str, phases: dict | None) -> None:
+        """Seconds a step spent in each phase of ``role`` (``STEP_PHASES``); unknown phases are refused."""
+        if role not in STEP_PHASES:
+            raise ValueError(f"role must be one of {tuple(STEP_PHASES)}, got {role!r}")
+        for phase, seconds in (phases or {}).items():
+            if phase not in STEP_PHASES[role]:
+                raise ValueError(f"{role} has no step phase {phase!r}; phases: {STEP_PHASES[role]}")
+            if seconds:
+                self.step_phase.labels(role=role, phase=phase).inc(max(0.0, float(seconds)))
 
     def on_run_ahead(self, used: int, discarded: int) -> None:
         """The target's reply said its step was run ahead (``used``) or a run-ahead was undone."""

@@ -113,6 +113,12 @@ def test_every_scenario_kind(ray_local, checkpoint, tmp_path):
             assert 0.0 <= row["control_plane_share"]["median"] <= 1.0
             assert row["gpus"] == (2 if "separate" in row["scenario"] else 1)
             assert row["draft_link"] == "gloo" and row["draft_link_rtt_ms"] > 0  # CPU: gloo, timed at connect
+            # the step profile: every role reported, and its parts fit inside the measured wall time
+            phases = metrics["phases"]
+            assert phases["engine"]["wait"] > 0 and phases["target"]["verify"] > 0
+            assert phases["draft"]["propose"] > 0 and phases["target"]["wait_proposals"] > 0
+            assert sum(phases["engine"].values()) <= row["reps"][0]["wall_s"] * 1.05
+            assert sum(phases["target"].values()) <= phases["engine"]["wait"] * 1.05
     assert {(x["batch"], x["tokens_per_seq"]) for x in model["cost_curve"]} == {(b, n) for b in (1, 2) for n in (1, 2, 4)}
     assert not any(x["graphed"] for x in model["cost_curve"])  # CPU: the workers' runner runs eagerly
     assert model["draft_cost_curve"] and results["floor"]["copy"]["bytes_per_s"] > 0
@@ -124,7 +130,7 @@ def test_every_scenario_kind(ray_local, checkpoint, tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| scenario | c | tok/s median (min–max)" in md and "emulated α = 0.9" in md
     assert "cluster-separate-overlap" in md and "Per Spec-Bench category" in md
-    assert "Draft link (timed at connect" in md
+    assert "Draft link (timed at connect" in md and "Step profile: milliseconds per engine step" in md
     for png in ("throughput.png", "cost_curve.png", "acceptance.png", "goodput.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG
     check_arrivals(model, md, ("cluster-colocated-turns", "cluster-separate-overlap"), (4.0, 400.0), 4)

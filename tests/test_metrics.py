@@ -154,3 +154,22 @@ def test_graph_captures_and_the_drafts_real_time_are_counted_per_role():
     assert snap["outrider_draft_propose_wall_seconds_total"] == pytest.approx(0.032)
     with pytest.raises(ValueError, match="role"):
         m.on_graph_captures("router", 1, 0.1)
+
+
+def test_step_phases_add_up_per_role_and_refuse_unknown_names():
+    """The step profile: seconds per (role, phase), from the engine's own phases and the workers'
+    replies (a draft reply carries its phases); a misspelt phase or role is an error, not a new series."""
+    m = EngineMetrics()
+    m.on_phases("engine", {"plan": 0.001, "wait": 0.02})
+    m.on_phases("engine", {"plan": 0.002, "wait": 0.0, "between": 0.0005})
+    m.on_phases("target", None)  # a run-ahead reply carries none
+    m.on_draft_step({"propose_s": 0.004, "phases": {"recv_tokens": 0.0001, "propose": 0.004, "send": 0.0002}})
+    phases = m.snapshot()["outrider_step_phase_seconds_total"]
+    assert phases["phase=plan,role=engine"] == pytest.approx(0.003)
+    assert phases["phase=wait,role=engine"] == pytest.approx(0.02)
+    assert phases["phase=propose,role=draft"] == pytest.approx(0.004)
+    assert phases["phase=verify,role=target"] == 0.0  # every phase is exposed from the start
+    with pytest.raises(ValueError, match="no step phase 'forward'"):
+        m.on_phases("target", {"forward": 0.01})
+    with pytest.raises(ValueError, match="role"):
+        m.on_phases("router", {"plan": 0.01})

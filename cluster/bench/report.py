@@ -181,6 +181,34 @@ def _activity_notes(rows: list[dict]) -> list[str]:
             "draft's calls:", ""] + notes
 
 
+def _phase_notes(rows: list[dict]) -> list[str]:
+    """Each cluster row's step profile: milliseconds per engine step in each phase of the engine,
+    the target and the draft (``cluster.metrics.STEP_PHASES``), over all timed repetitions. Steps
+    answered from a target run-ahead report no target phases (their work ran before they were asked)."""
+    notes = []
+    for row in rows:
+        per_rep = [rep.get("metrics") or {} for rep in row.get("reps", [])]
+        steps = sum(m.get("engine_steps", 0) for m in per_rep)
+        if not steps or not any(m.get("phases") for m in per_rep):
+            continue
+        parts = []
+        for role in ("engine", "target", "draft"):
+            totals: dict[str, float] = {}
+            for m in per_rep:
+                for phase, seconds in ((m.get("phases") or {}).get(role) or {}).items():
+                    totals[phase] = totals.get(phase, 0.0) + seconds
+            cells = [f"{phase} {seconds / steps * 1e3:.2f}" for phase, seconds in totals.items() if seconds > 0]
+            if cells:
+                parts.append(f"{role}: " + ", ".join(cells))
+        notes.append(f"- {row_name(row)}, c = {row['concurrency']}: " + "; ".join(parts))
+    if not notes:
+        return []
+    return ["", "Step profile: milliseconds per engine step in each phase (engine: plan = choose k and send, "
+            "wait = until the target's reply, apply = emit, between = the loop; target: wait_proposals, build, "
+            "launch, verify = the forward's GPU time and acceptance, commit, emit; draft: recv_tokens, propose, "
+            "send, speculate, ahead = the next chain drafted before it is asked for):", ""] + notes
+
+
 EMULATION_SLACK = 0.15  # first-position acceptance this far below the emulated α is reported
 
 
@@ -276,6 +304,8 @@ def markdown(r: dict) -> str:
         lines += _emulation_notes(rows)
         lines += _activity_notes([row for row in rows if row["scenario"].startswith("cluster")
                                   and row.get("concurrency") is not None])
+        lines += _phase_notes([row for row in rows if row["scenario"].startswith("cluster")
+                               and row.get("concurrency") is not None])
         cats = [row for row in rows if row.get("by_category")]
         base_row = next((x for x in rows if x["scenario"] == "ours-target-only" and x["concurrency"] == 1), None)
         if cats and base_row and base_row.get("by_category"):

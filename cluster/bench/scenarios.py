@@ -32,6 +32,7 @@ import torch
 
 from actors.spec import reference
 from actors.spec.types import SamplingParams
+from cluster.metrics import STEP_PHASES
 
 
 @dataclass
@@ -264,7 +265,10 @@ def _metric_delta(before: dict, after: dict, max_positions: int) -> dict:
             # steps by the k they ran with (the histogram's buckets are cumulative: k <= j) and by reason
             "k_at_most": {j: delta("outrider_spec_num_draft_tokens_bucket", f"le={float(j)}") for j in range(max_positions + 1)},
             "decisions": {c: delta("outrider_spec_steps_total", f"reason_code={c}")
-                          for c in ("goodput", "explore", "fixed", "capped", "empty")}}
+                          for c in ("goodput", "explore", "fixed", "capped", "empty")},
+            # seconds by role and phase of the step (cluster.metrics.STEP_PHASES): the step's profile
+            "phases": {role: {ph: delta("outrider_step_phase_seconds_total", f"phase={ph},role={role}") for ph in phs}
+                       for role, phs in STEP_PHASES.items()}}
 
 
 def _pct(values: list[float], q: float) -> float | None:
