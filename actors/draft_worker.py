@@ -31,6 +31,16 @@ One call per engine step, ``step(step_id, new, drafts, num_token_msgs, free_ids)
    draft k + 1 levels in one verify this is PEARL unchanged; with a slow one, a hit still saves
    the pre-drafted levels and a miss costs what taking turns costs.
 
+5. with ``ahead`` (the engine expects the same requests to be drafted for at the next step, and no
+   overlap): once the reply is sent, wait for the target's tokens of this step and draft the next
+   chain for each request at once (step channel only: its ``after`` work), so the next step finds
+   it ready and sends it without drafting. The engine's handling of the reply and its next call
+   no longer sit between the target's tokens and the draft's first level. A next step that asks
+   for fewer tokens uses a prefix, one that asks for more extends it; a request the next step
+   does not draft for (or re-sends whole) drops it, and the proposer's common-prefix catch-up
+   rolls the draft KV back. Greedy requests only: a dropped sampled chain would have consumed
+   the request's random stream.
+
 Invariants: a request's token list here equals the control plane's (prompt + every emitted
 token) whenever it is drafted for; tokens for requests already freed are ignored; every
 proposal's ``draft_probs`` are the distributions its tokens were drawn from, given the real
@@ -41,6 +51,7 @@ per request is the reference loop's, so seeded sampling reproduces the reference
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -58,6 +69,7 @@ from actors.spec.types import Proposal, SamplingParams
 from actors.step_channel import locked as _locked
 from actors.target_worker import DRAFT_RANK, TARGET_RANK
 from actors.transport import (
+    PeerLostError,
     Transport,
     assigned_gpu_ids,
     node_address,
@@ -95,6 +107,8 @@ def _check_tokenizers(target_path: str, draft_path: str) -> None:
         return
     ensure_same_tokenizer(target_tok, draft_tok)
 
+
+log = logging.getLogger("outrider.draft_worker")
 
 HIT_PRIOR, HIT_DECAY = 0.5, 0.7  # overlap hit-rate estimate per request (EMA)
 MIN_HIT_RATE, PROBE_EVERY = 0.25, 8  # below the rate, speculate only every PROBE_EVERY-th step
@@ -183,6 +197,10 @@ class DraftWorker:
         self._since_probe: dict[int, int] = {}
         self._to_speculate: set[int] = set()
         self._token_msgs = 0  # tokens messages received on the current link
+        self._ahead_plan: dict[int, int] | None = None  # req -> k to draft ahead once the reply is sent
+        self._ahead: dict[int, tuple[int, Proposal]] = {}  # req -> (token count it was drafted at, chain)
+        self._ahead_s = 0.0  # drafting seconds of the last ahead run (reported with the next step)
+        self._ahead_error: BaseException | None = None  # the link failed while waiting ahead
 
     def info(self) -> dict:
         return {"ready": True, "device": str(self.device), "gpu_ids": assigned_gpu_ids(), "node": node_id(),
@@ -203,7 +221,8 @@ class DraftWorker:
         from actors.step_channel import StepChannelServer
 
         if self._channel is None:
-            self._channel = StepChannelServer(node_address(), {"step": self.step, "free": self.free}, self._lock)
+            self._channel = StepChannelServer(node_address(), {"step": self.step, "free": self.free}, self._lock,
+                                              after={"step": self.draft_ahead})
         return self._channel.address()
 
     @_locked
@@ -216,15 +235,23 @@ class DraftWorker:
         self.link = Transport(addr, port, DRAFT_RANK, 2, self.device, backend=backend, timeout_s=timeout_s,
                               time_round_trips=True)
         self._token_msgs = 0
+        self._ahead_plan, self._ahead_error = None, None
         return self.link.backend
 
     # ----------------------------------------------------------------- the step
     @_locked
     def step(self, step_id: int, new: list[tuple[int, list[int], SamplingParams]], drafts: dict[int, int],
-             num_token_msgs: int, free_ids: list[int], verify_s: float | None = None) -> dict:
+             num_token_msgs: int, free_ids: list[int], verify_s: float | None = None, ahead: bool = False) -> dict:
         """Run one engine step -> timings and overlap hit counts. ``verify_s``: the engine's estimate
-        of the target's verify time, which bounds the speculation (None: unbounded)."""
+        of the target's verify time, which bounds the speculation (None: unbounded). ``ahead``: draft
+        the next chain of these requests as soon as the target's tokens of this step arrive
+        (``draft_ahead``; without overlap, greedy requests, over the step channel)."""
+        if self._ahead_error is not None:
+            error, self._ahead_error = self._ahead_error, None
+            raise PeerLostError(f"the draft link failed while drafting ahead: {error}")
         self._verify_s = verify_s
+        self._ahead_plan = None
+        ahead_s, self._ahead_s = self._ahead_s, 0.0
         t_in = time.perf_counter()
         for req_id in free_ids:
             self._forget(req_id)
@@ -239,13 +266,16 @@ class DraftWorker:
         for req_id, tokens, params in new:
             self._tokens[req_id] = list(tokens)
             self._params[req_id] = params
+            self._ahead.pop(req_id, None)  # its tokens were replaced: what was drafted ahead may not fit
         ids = list(drafts)
+        for req_id in [r for r in self._ahead if r not in drafts]:
+            del self._ahead[req_id]  # not drafted for this step: rolled back by the next catch-up
         # a proposal that first prefills a long catch-up (a new request's prompt, the tokens of steps
         # the draft sat out) is no drafting cost sample; it is one of the catch-up's cost
         catch_ups = [self.proposer.catch_up_length(r, self._tokens[r]) for r in ids]
         long_catch_up = any(n > 2 * self.max_draft_tokens + 2 for n in catch_ups)
         t0, (captures, capture_s) = time.perf_counter(), self._capture_stats()
-        proposals, hits, extended = self._proposals(ids, drafts)
+        proposals, hits, extended, used_ahead = self._proposals(ids, drafts)
         t_proposed = time.perf_counter()
         if ids:
             self.link.send(pack_proposals(ids, [proposals[r] for r in ids]), TARGET_RANK)
@@ -254,19 +284,60 @@ class DraftWorker:
         if self.overlap and ids:
             self._speculate(ids, proposals, drafts)
         t2 = time.perf_counter()
+        if ahead and ids and not self.overlap and self._channel is not None and self.link is not None \
+                and all(self._params[r].greedy for r in ids):
+            self._ahead_plan = {r: min(drafts[r], self.max_draft_tokens) for r in ids}
+        # a chain drafted ahead still cost its levels on the draft's device: the cost sample keeps them
+        drafted_s = (t1 - t0) + (ahead_s if used_ahead else 0.0)
         reply = {"step": step_id, "num_proposed": sum(len(p) for p in proposals.values()), "batch": len(ids),
                  "levels": max((len(p) for p in proposals.values()), default=0),
                  "hits": hits, "misses": (len(ids) - hits) if self.overlap else 0, "extended": extended,
-                 "propose_s": 0.0 if captured else t1 - t0, "speculate_s": t2 - t1,
+                 "ahead_used": used_ahead,
+                 "propose_s": 0.0 if captured else drafted_s, "speculate_s": t2 - t1,
                  "propose_wall_s": t1 - t0,  # the real time, also when it is no cost sample
                  "phases": {"recv_tokens": t0 - t_in, "propose": t_proposed - t0, "send": t1 - t_proposed,
-                            "speculate": t2 - t1}}
+                            "speculate": t2 - t1, "ahead": ahead_s}}
         now_captures, now_capture_s = self._capture_stats()
         if long_catch_up and now_captures == captures:  # the drafting levels' share is small; it stays in
             reply["catch_up_tokens"], reply["catch_up_s"] = sum(catch_ups), t1 - t0
         if now_captures != captures:
             reply["captures"], reply["capture_s"] = now_captures - captures, now_capture_s - capture_s
         return reply
+
+    @_locked
+    def draft_ahead(self) -> None:
+        """The step channel's work once a step's reply is sent: when that step asked for it, wait for
+        the target's tokens of the step (the engine counts them as delivered, so the next step does
+        not wait again) and draft each request's next chain now (``self._ahead``). A failed link is
+        raised by the next step."""
+        plan, self._ahead_plan = self._ahead_plan, None
+        if not plan or self.link is None:
+            return
+        try:
+            message = unpack_tokens(self.link.recv(TARGET_RANK))
+        except PeerLostError as exc:
+            self._ahead_error = exc
+            return
+        self._token_msgs += 1
+        for req_id, token_ids in message.items():
+            if req_id in self._tokens:
+                self._tokens[req_id].extend(token_ids)
+        t0 = time.perf_counter()
+        by_length: dict[int, list[int]] = {}
+        for req_id, k in plan.items():
+            if req_id in self._tokens:
+                by_length.setdefault(k, []).append(req_id)
+        for k, group in by_length.items():
+            requests = [ProposeRequest(r, self._tokens[r], self._params[r]) for r in group]
+            try:
+                chains = self.proposer.propose(requests, TreeShape.chain(k))
+            except Exception:  # noqa: BLE001 - e.g. no KV room: the next step drafts as usual (and reports it)
+                log.warning("drafting ahead failed; the next step drafts these %d requests itself", len(group),
+                            exc_info=True)
+                continue
+            for req_id, chain in zip(group, chains):
+                self._ahead[req_id] = (len(self._tokens[req_id]), chain)
+        self._ahead_s = time.perf_counter() - t0
 
     @_locked
     def free(self, req_ids: list[int]) -> None:
@@ -306,17 +377,28 @@ class DraftWorker:
         self._tokens.pop(req_id, None)
         self._params.pop(req_id, None)
         self._speculation.pop(req_id, None)
+        self._ahead.pop(req_id, None)
         self._hit_rate.pop(req_id, None)
         self._since_probe.pop(req_id, None)
 
-    def _proposals(self, ids: list[int], drafts: dict[int, int]) -> tuple[dict[int, Proposal], int, int]:
-        """Reuse speculations that hit (extended to the k asked for when the speculation was bounded);
-        draft the rest fresh (batched by length). Decides which requests are speculated for after
-        this proposal (``self._to_speculate``). Returns (proposals, hits, hits extended)."""
+    def _proposals(self, ids: list[int], drafts: dict[int, int]) -> tuple[dict[int, Proposal], int, int, int]:
+        """Reuse chains drafted ahead and speculations that hit (extended to the k asked for when
+        shorter); draft the rest fresh (batched by length). Decides which requests are speculated for
+        after this proposal (``self._to_speculate``). Returns (proposals, hits, hits extended, chains
+        drafted ahead used)."""
         out, fresh, extend = {}, {}, {}
+        used_ahead = extended_ahead = 0
         self._to_speculate = set()
         for req_id in ids:
             k = min(drafts[req_id], self.max_draft_tokens)
+            drafted = self._ahead.pop(req_id, None)
+            if drafted is not None and drafted[0] == len(self._tokens[req_id]) and len(drafted[1]) > 0:
+                used_ahead += 1
+                out[req_id] = chain_slice(drafted[1], 0, k)
+                if len(out[req_id]) < k:
+                    extend[req_id] = k - len(out[req_id])
+                    extended_ahead += 1
+                continue
             assumed, chain = self._speculation.pop(req_id, (None, None))
             # tokens only grow, so the speculation's base is always a prefix: compare the tail alone
             tokens = self._tokens[req_id]
@@ -348,7 +430,7 @@ class DraftWorker:
             requests = [ProposeRequest(r, self._tokens[r] + out[r].token_ids.tolist(), self._params[r]) for r in group]
             for req_id, more in zip(group, self.proposer.propose(requests, TreeShape.chain(rest))):
                 out[req_id] = chain_concat(out[req_id], more)
-        return out, len(ids) - len(fresh), len(extend)
+        return out, len(ids) - len(fresh) - used_ahead, len(extend) - extended_ahead, used_ahead
 
     def _worth_speculating(self, req_id: int) -> bool:
         """Speculate while this request's pre-drafted chains tend to be used; otherwise only probe

@@ -749,8 +749,9 @@ def _add_bench(commands) -> None:
                    "ray (an actor call per step, the old path) or both, as baselines in the same run "
                    "(default: socket)")
     p.add_argument("--run-ahead", choices=("on", "off", "both"), default="on",
-                   help="cluster rows: the target runs a plain decode step ahead while the engine handles the "
-                   "last reply (on), never (off), or both as rows of the same run (default: on)")
+                   help="cluster rows: while the engine handles the last reply the target runs a plain decode "
+                   "step ahead and the draft (taking turns) drafts the next chain ahead (on), neither (off), or "
+                   "both as rows of the same run (default: on)")
     p.add_argument("--capture-at-start", action="store_true",
                    help="cluster rows: the workers capture their decode and verify CUDA graphs at start, so timed "
                    "work meets no capture for those buckets (start time and graph memory)")

@@ -259,7 +259,7 @@ class Engine:
             backlog, self._draft_backlog = self._draft_backlog, []
             draft_frees, self._draft_frees = self._draft_frees, []
             draft_args = (step_id, backlog + self._resync_stale() + new, {r: draft_ks[r] for r in draft_ids},
-                          self._token_msgs, draft_frees, self._speculation_budget())
+                          self._token_msgs, draft_frees, self._speculation_budget(), self._expect_drafting(draft_ids))
         channels = self.workers.channels
         # the target sends this step's tokens to the draft only if the draft runs this step; it runs
         # the next step ahead when that is likely a plain decode (no drafting now, nobody waiting)
@@ -321,6 +321,15 @@ class Engine:
             return False
         with self._lock:
             return not self.scheduler.waiting
+
+    def _expect_drafting(self, draft_ids: list[int]) -> bool:
+        """Whether the draft should draft the next chain of ``draft_ids`` as soon as this step's tokens
+        reach it (``DraftWorker.draft_ahead``): run-ahead is on and this step's decision is one the
+        policy keeps (an explore probe is followed by its own decision). A wrong guess costs the
+        draft's device one chain, never a wrong token."""
+        decision = self._decision
+        return bool(self.config.run_ahead and draft_ids
+                    and (decision is None or decision.reason_code != "explore"))
 
     def _wait_target(self, target_refs: list, draft_ref) -> dict:
         """Wait for every target rank; a draft failure seen meanwhile restarts the draft at once."""

@@ -37,6 +37,7 @@ graph_capture_seconds_total{role}              counter    ... and the seconds th
 target_run_ahead_total{outcome}                counter    target steps run ahead: used (answered at once) or discarded
 step_phase_seconds_total{role, phase}          counter    where engine steps spend their time, by role engine|target|draft
                                                           and phase (``STEP_PHASES``): the step's profile
+draft_ahead_used_total                         counter    draft chains drafted ahead that the next step used
 draft_worker_up                                gauge      1 while the draft worker serves, else 0
 engine_steps_total                             counter    engine steps
 =============================================  =========  ==============================================
@@ -164,6 +165,9 @@ class EngineMetrics:
                                  "Target steps run ahead while the engine handled the previous reply: used (the "
                                  "engine's next step was that one) or discarded (undone; the step ran as usual).",
                                  ["outcome"], registry=r)
+        self.draft_ahead_used = Counter("outrider_draft_ahead_used_total",
+                                        "Draft chains drafted ahead (as the target's tokens arrived) that the next "
+                                        "step sent as drafted.", registry=r)
         self.draft_up = Gauge("outrider_draft_worker_up", "1 while the draft worker serves, else 0.", registry=r)
         self.draft_link_rtt = Gauge("outrider_draft_link_round_trip_seconds",
                                     "Draft link: one proposal-sized message there and back, timed when it was formed.",
@@ -222,6 +226,8 @@ class EngineMetrics:
                 self.overlap_speculations.labels(outcome=outcome).inc(stats[key])
         if stats.get("extended"):
             self.overlap_extended.inc(stats["extended"])
+        if stats.get("ahead_used"):
+            self.draft_ahead_used.inc(stats["ahead_used"])
         if stats.get("propose_wall_s"):
             self.draft_propose_wall.inc(max(0.0, stats["propose_wall_s"]))
         self.on_graph_captures("draft", stats.get("captures", 0), stats.get("capture_s", 0.0))

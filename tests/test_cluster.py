@@ -103,6 +103,8 @@ def greedy_params(n):
                   "step_transport": "ray"}, id="ckpt-k2-turns-ray-calls"),
     pytest.param({"draft": "self:3", "num_draft_tokens": 3, "overlap": True, "pre_verify": True,
                   "adaptive": True, "colocate": True, "draft_gpus": 0}, id="colocated-preverify-adaptive"),
+    pytest.param({"draft": "self:2", "num_draft_tokens": 4, "overlap": False, "adaptive": True},
+                 id="turns-adaptive-draft-ahead"),
 ])
 def test_greedy_equals_target_only_reference(ray_local, checkpoints, target_model, fields):
     fields = {**fields, "draft": checkpoints[1] if fields["draft"] == "CKPT" else fields["draft"]}
@@ -145,6 +147,28 @@ def test_oracle_draft_overlap_hits(ray_local, checkpoints, target_model, tmp_pat
         assert all(o.stats["mean_accepted_length"] > 2.0 for o in got)
         hits = cluster.engine.metrics.get("outrider_overlap_speculations_total", outcome="hit")
         assert hits and hits > 0
+
+
+@pytest.mark.parametrize("run_ahead", [True, False], ids=["draft-ahead", "no-draft-ahead"])
+def test_draft_ahead_sends_chains_drafted_before_the_step(ray_local, checkpoints, target_model, run_ahead):
+    """Taking turns, the draft drafts each request's next chain as soon as the target's tokens reach
+    it: with arrivals, finishes and a fixed k the output is the reference's, most drafting steps
+    send a chain drafted ahead, and the step profile shows that drafting; with run-ahead off none."""
+    prompts, params = make_prompts(), greedy_params(6)
+    want = expected(target_model, prompts, params)
+    with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=3, overlap=False, adaptive=False,
+                              run_ahead=run_ahead)) as cluster:
+        got = run_concurrently(cluster, prompts, params, stagger_s=0.05)
+        assert [o.token_ids for o in got] == want
+        assert cluster.wait_idle(30)
+        m = cluster.engine.metrics
+        used = m.get("outrider_draft_ahead_used_total")
+        drafting = m.get("outrider_spec_steps_total", reason_code="fixed")
+        ahead_s = m.get("outrider_step_phase_seconds_total", role="draft", phase="ahead")
+        if run_ahead:
+            assert used > drafting / 2 and ahead_s > 0, (used, drafting)
+        else:
+            assert used == 0 and ahead_s == 0
 
 
 def test_oracle_retrack_from_real_outputs(ray_local, checkpoints, target_model, tmp_path):

@@ -171,7 +171,8 @@ def _activity_notes(rows: list[dict]) -> list[str]:
             if m.get("draft_count"):
                 cell += (f", {int(m['draft_count'])} draft calls"
                          + (f" ({m['draft_propose_wall_s'] * 1e3:.0f} ms proposing)" if m.get("draft_propose_wall_s")
-                            else ""))
+                            else "")
+                         + (f", {int(m['draft_ahead_used'])} chains drafted ahead" if m.get("draft_ahead_used") else ""))
             cells.append(cell)
         if row.get("run_ahead", True) or any(m.get("draft_count") for m in per_rep):
             notes.append(f"- {row_name(row)}, c = {row['concurrency']}: " + "; ".join(cells))

@@ -256,6 +256,7 @@ def _metric_delta(before: dict, after: dict, max_positions: int) -> dict:
             "draft_s_sum": delta("outrider_draft_step_seconds_sum"),
             "draft_count": delta("outrider_draft_step_seconds_count"),
             "draft_propose_wall_s": delta("outrider_draft_propose_wall_seconds_total"),
+            "draft_ahead_used": delta("outrider_draft_ahead_used_total"),
             "position_tested": [delta("outrider_spec_position_tested_total", lab) for lab in positions],
             "position_accepted": [delta("outrider_spec_position_accepted_total", lab) for lab in positions],
             "overlap": {o: delta("outrider_overlap_speculations_total", f"outcome={o}") for o in ("hit", "miss")},
