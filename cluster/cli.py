@@ -121,7 +121,8 @@ def _add_placement_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-gpus", type=int, metavar="N", help="GPUs of the draft worker (default 1)")
     g.add_argument("--colocate", action="store_true", help="put the draft on the target's GPU (fractional share)")
     g.add_argument("--no-overlap", action="store_true",
-                   help="draft and target take turns instead of drafting step t+1 during verification of step t")
+                   help="draft and target take turns instead of drafting step t+1 during verification of step t "
+                   "(the default with --colocate)")
     g.add_argument("--no-adaptive", action="store_true",
                    help="always draft --num-draft-tokens (no goodput-adaptive speculation length)")
     g.add_argument("--num-gpus", type=int, metavar="N",
@@ -306,7 +307,7 @@ def _generate_on_cluster(args: argparse.Namespace, stream: _TextStream | None = 
     if draft_spec == "lookup":
         raise CliError("--draft lookup runs in the single-process mode only (drop the placement flags)")
     fields = {"target": str(model_path), "draft": draft_spec, "num_draft_tokens": args.num_draft_tokens,
-              "overlap": not args.no_overlap, "adaptive": not args.no_adaptive, "colocate": args.colocate,
+              "overlap": False if args.no_overlap else None, "adaptive": not args.no_adaptive, "colocate": args.colocate,
               "num_gpus": args.num_gpus, "address": args.address, "dtype": args.dtype or "auto"}
     if args.target_gpus is not None:
         fields["target_gpus"] = args.target_gpus
@@ -459,7 +460,8 @@ def _add_serve(commands) -> None:
     m.add_argument("--num-draft-tokens", type=int, metavar="K", help="most draft tokens per step (default 4)")
     m.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: the checkpoint's)")
     m.add_argument("--no-overlap", action="store_true",
-                   help="draft and target take turns (default: the draft works on step t+1 during step t)")
+                   help="draft and target take turns (default: the draft works on step t+1 during step t when "
+                   "it has a GPU of its own, takes turns when colocated)")
     m.add_argument("--no-adaptive", action="store_true",
                    help="always draft --num-draft-tokens (default: the length is chosen per step for goodput)")
     g = p.add_argument_group("placement (Ray)")
@@ -545,7 +547,8 @@ def serve_config(args: argparse.Namespace, env=None):
             print(f"[outrider] {torch.cuda.device_count()} GPU(s): the draft shares the target's GPU "
                   "(--colocate; --draft-gpus N to place it apart)", file=sys.stderr)
             try:
-                config = ClusterConfig(**{**config.model_dump(), "colocate": True, "draft_gpus": 0})
+                unset = {} if "overlap" in values else {"overlap": None}  # colocated default: taking turns
+                config = ClusterConfig(**{**config.model_dump(), "colocate": True, "draft_gpus": 0, **unset})
             except ValueError as exc:
                 raise CliError(_config_error(exc)) from None
         if not torch.cuda.is_available():  # declare fake GPUs so every placement can be tried on CPU

@@ -122,6 +122,14 @@ class ClusterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_overlap(cls, data):
+        """``overlap`` unset (None): on with a draft of its own GPUs, off with a colocated one."""
+        if isinstance(data, dict) and data.get("overlap") is None:
+            data = {**data, "overlap": not data.get("colocate", False)}
+        return data
+
     # models
     target: str = Field(min_length=1, description="Target checkpoint: a directory (safetensors + config.json), "
                                                   "a .gguf file, or 'demo' (the demo model, fetched on first use).")
@@ -146,7 +154,11 @@ class ClusterConfig(BaseModel):
     # speculation
     num_draft_tokens: int = Field(4, ge=0, le=64, description="Most draft tokens per request per step.")
     adaptive: bool = Field(True, description="Choose the draft length per step for goodput (SmartSpec).")
-    overlap: bool = Field(True, description="Draft step t+1 while the target verifies step t (PEARL).")
+    overlap: bool | None = Field(
+        None, description="Draft step t+1 while the target verifies step t (PEARL). None (default): on when the "
+                          "draft has GPUs of its own, off when it is colocated: two processes time-slice one GPU, "
+                          "so the speculation delays the verify (H100, 8B + 1B shapes: taking turns beat "
+                          "overlap in three runs out of three).")
     pre_verify: bool = Field(
         False, description="With overlap: after a miss, send the first fresh draft token at once (PEARL pre-verify).")
     cost_table: str | None = Field(None, description="JSON of measured step costs to seed the adaptive policy.")

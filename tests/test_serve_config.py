@@ -129,6 +129,7 @@ def test_cli_fake_gpus_without_cuda(capsys, monkeypatch, target):
     assert data["num_gpus"] == 1 and data["draft"] == "none"
     _, data, _ = print_config(capsys, monkeypatch, ["--target", target, "--draft", "self:1", "--colocate"])
     assert data["num_gpus"] == 1 and data["draft_gpus"] == 0
+    assert data["overlap"] is False  # colocated: taking turns unless overlap is asked for
     _, data, _ = print_config(capsys, monkeypatch, ["--target", target, "--address", "auto"])
     assert data["num_gpus"] is None  # a cluster that is joined declares its own GPUs
 
@@ -140,6 +141,7 @@ def test_cli_colocates_on_too_few_gpus(capsys, monkeypatch, target):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     _, data, err = print_config(capsys, monkeypatch, ["--target", target, "--draft", "self:1"])
     assert data["colocate"] is True and data["draft_gpus"] == 0 and "shares the target's GPU" in err
+    assert data["overlap"] is False  # colocated by default: taking turns by default
     _, data, _ = print_config(capsys, monkeypatch, ["--target", target, "--draft", "self:1", "--draft-gpus", "1"])
     assert data["colocate"] is False  # placed explicitly: left alone (Ray refuses it if it cannot fit)
 
@@ -188,3 +190,15 @@ def test_cli_help_and_banner(capsys, target):
     assert "gRPC        off" in banner and '"model": "my-model"' in banner
     body = banner.split("-d '", 1)[1].split("'", 1)[0]
     assert json.loads(body)["stream"] is True
+
+
+def test_overlap_defaults_to_the_placement():
+    """Unset, overlap is on for a draft with GPUs of its own and off for a colocated one (two
+    processes time-slice one GPU); an explicit value is kept either way."""
+    from cluster.config import ClusterConfig
+
+    assert ClusterConfig(target="x", draft="self:1").overlap is True
+    assert ClusterConfig(target="x", draft="self:1", colocate=True, draft_gpus=0).overlap is False
+    assert ClusterConfig(target="x", draft="self:1", colocate=True, draft_gpus=0, overlap=True).overlap is True
+    assert ClusterConfig(target="x", draft="self:1", overlap=False).overlap is False
+    assert ClusterConfig(target="x", draft="self:1", colocate=True, draft_gpus=0, overlap=None).overlap is False
