@@ -31,10 +31,11 @@ One call per engine step, ``step(step_id, new, drafts, num_token_msgs, free_ids)
    draft k + 1 levels in one verify this is PEARL unchanged; with a slow one, a hit still saves
    the pre-drafted levels and a miss costs what taking turns costs.
 
-5. with ``ahead`` (the engine expects the same requests to be drafted for at the next step, and no
-   overlap): once the reply is sent, wait for the target's tokens of this step and draft the next
-   chain for each request at once (step channel only: its ``after`` work), so the next step finds
-   it ready and sends it without drafting. The engine's handling of the reply and its next call
+5. with ``ahead`` (the engine expects the same requests to be drafted for at the next step; not
+   with ``pre_verify``): once the reply is sent, wait for the target's tokens of this step and draft
+   the next chain at once for each request whose overlap speculation did not hit (all of them when
+   taking turns) — step channel only: its ``after`` work — so the next step finds it ready and
+   sends it without drafting. The engine's handling of the reply and its next call
    no longer sit between the target's tokens and the draft's first level. A next step that asks
    for fewer tokens uses a prefix, one that asks for more extends it; a request the next step
    does not draft for (or re-sends whole) drops it, and the proposer's common-prefix catch-up
@@ -284,7 +285,7 @@ class DraftWorker:
         if self.overlap and ids:
             self._speculate(ids, proposals, drafts)
         t2 = time.perf_counter()
-        if ahead and ids and not self.overlap and self._channel is not None and self.link is not None \
+        if ahead and ids and not self.pre_verify and self._channel is not None and self.link is not None \
                 and all(self._params[r].greedy for r in ids):
             self._ahead_plan = {r: min(drafts[r], self.max_draft_tokens) for r in ids}
         # a chain drafted ahead still cost its levels on the draft's device: the cost sample keeps them
@@ -325,8 +326,9 @@ class DraftWorker:
         t0 = time.perf_counter()
         by_length: dict[int, list[int]] = {}
         for req_id, k in plan.items():
-            if req_id in self._tokens:
-                by_length.setdefault(k, []).append(req_id)
+            speculated = self._speculation.get(req_id, (None, None))
+            if req_id in self._tokens and not self._speculation_hit(req_id, *speculated):
+                by_length.setdefault(k, []).append(req_id)  # with overlap: only where the speculation missed
         for k, group in by_length.items():
             requests = [ProposeRequest(r, self._tokens[r], self._params[r]) for r in group]
             try:
@@ -391,25 +393,22 @@ class DraftWorker:
         self._to_speculate = set()
         for req_id in ids:
             k = min(drafts[req_id], self.max_draft_tokens)
-            drafted = self._ahead.pop(req_id, None)
-            if drafted is not None and drafted[0] == len(self._tokens[req_id]) and len(drafted[1]) > 0:
-                used_ahead += 1
-                out[req_id] = chain_slice(drafted[1], 0, k)
-                if len(out[req_id]) < k:
-                    extend[req_id] = k - len(out[req_id])
-                    extended_ahead += 1
-                continue
             assumed, chain = self._speculation.pop(req_id, (None, None))
-            # tokens only grow, so the speculation's base is always a prefix: compare the tail alone
-            tokens = self._tokens[req_id]
-            hit = (chain is not None and len(chain) > 0 and len(tokens) == assumed[0] + len(assumed[1])
-                   and tokens[assumed[0]:] == assumed[1])
+            hit = self._speculation_hit(req_id, assumed, chain)
             if chain is not None:
                 rate = self._hit_rate.get(req_id, HIT_PRIOR)
                 self._hit_rate[req_id] = HIT_DECAY * rate + (1 - HIT_DECAY) * float(hit)
             speculate = self.overlap and self._worth_speculating(req_id)
             if speculate:
                 self._to_speculate.add(req_id)
+            drafted = self._ahead.pop(req_id, None)
+            if not hit and drafted is not None and drafted[0] == len(self._tokens[req_id]) and len(drafted[1]) > 0:
+                used_ahead += 1  # drafted as the tokens arrived (taking turns, or after an overlap miss)
+                out[req_id] = chain_slice(drafted[1], 0, k)
+                if len(out[req_id]) < k:
+                    extend[req_id] = k - len(out[req_id])
+                    extended_ahead += 1
+                continue
             if hit:
                 out[req_id] = chain_slice(chain, 0, k)
                 if len(out[req_id]) < k:
@@ -431,6 +430,14 @@ class DraftWorker:
             for req_id, more in zip(group, self.proposer.propose(requests, TreeShape.chain(rest))):
                 out[req_id] = chain_concat(out[req_id], more)
         return out, len(ids) - len(fresh) - used_ahead, len(extend) - extended_ahead, used_ahead
+
+    def _speculation_hit(self, req_id: int, assumed, chain) -> bool:
+        """Whether a speculation (``assumed`` = (base length, tokens assumed after it), ``chain``)
+        matches the request's real tokens: tokens only grow, so the base is a prefix and the tail
+        alone is compared."""
+        tokens = self._tokens[req_id]
+        return (chain is not None and len(chain) > 0 and len(tokens) == assumed[0] + len(assumed[1])
+                and tokens[assumed[0]:] == assumed[1])
 
     def _worth_speculating(self, req_id: int) -> bool:
         """Speculate while this request's pre-drafted chains tend to be used; otherwise only probe

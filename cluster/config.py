@@ -180,8 +180,9 @@ class ClusterConfig(BaseModel):
         True, description="With the socket step transport: while the engine handles a step's reply, the "
                           "target (one rank) already runs the next step when it expects a plain decode (no "
                           "draft tokens, no arrivals), undone exactly when the engine asks otherwise; and the "
-                          "draft (no overlap, greedy requests) drafts the next chain as soon as the target's "
-                          "tokens reach it, dropped when the next step asks otherwise.")
+                          "draft (greedy requests, no pre_verify) drafts the next chain as soon as the target's "
+                          "tokens reach it (with overlap: where its speculation missed), dropped when the "
+                          "next step asks otherwise.")
     step_transport: Literal["socket", "ray"] = Field(
         "socket", description="How the engine calls the target each step: socket (a direct connection to each "
                               "rank, no Ray task per step) or ray (an actor call per step).")

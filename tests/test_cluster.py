@@ -149,14 +149,16 @@ def test_oracle_draft_overlap_hits(ray_local, checkpoints, target_model, tmp_pat
         assert hits and hits > 0
 
 
-@pytest.mark.parametrize("run_ahead", [True, False], ids=["draft-ahead", "no-draft-ahead"])
-def test_draft_ahead_sends_chains_drafted_before_the_step(ray_local, checkpoints, target_model, run_ahead):
-    """Taking turns, the draft drafts each request's next chain as soon as the target's tokens reach
-    it: with arrivals, finishes and a fixed k the output is the reference's, most drafting steps
-    send a chain drafted ahead, and the step profile shows that drafting; with run-ahead off none."""
+@pytest.mark.parametrize("run_ahead,overlap", [(True, False), (False, False), (True, True)],
+                         ids=["turns-draft-ahead", "turns-no-draft-ahead", "overlap-misses-drafted-ahead"])
+def test_draft_ahead_sends_chains_drafted_before_the_step(ray_local, checkpoints, target_model, run_ahead, overlap):
+    """The draft drafts a request's next chain as soon as the target's tokens reach it — taking
+    turns always, with overlap where the speculation missed: with arrivals, finishes and a fixed k
+    the output is the reference's, the chains drafted ahead are sent (most drafting steps, taking
+    turns) and the step profile shows that drafting; with run-ahead off none is."""
     prompts, params = make_prompts(), greedy_params(6)
     want = expected(target_model, prompts, params)
-    with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=3, overlap=False, adaptive=False,
+    with Cluster.start(config(checkpoints[0], draft="self:2", num_draft_tokens=3, overlap=overlap, adaptive=False,
                               run_ahead=run_ahead)) as cluster:
         got = run_concurrently(cluster, prompts, params, stagger_s=0.05)
         assert [o.token_ids for o in got] == want
@@ -165,10 +167,14 @@ def test_draft_ahead_sends_chains_drafted_before_the_step(ray_local, checkpoints
         used = m.get("outrider_draft_ahead_used_total")
         drafting = m.get("outrider_spec_steps_total", reason_code="fixed")
         ahead_s = m.get("outrider_step_phase_seconds_total", role="draft", phase="ahead")
-        if run_ahead:
-            assert used > drafting / 2 and ahead_s > 0, (used, drafting)
-        else:
+        misses = m.get("outrider_overlap_speculations_total", outcome="miss")
+        if not run_ahead:
             assert used == 0 and ahead_s == 0
+        elif overlap:  # a miss's fresh chain was drafted ahead; a hit's speculation is sent as before
+            assert misses > 0 and 0 < used <= misses and ahead_s > 0, (used, misses)
+            assert m.get("outrider_overlap_speculations_total", outcome="hit") > 0
+        else:
+            assert used > drafting / 2 and ahead_s > 0, (used, drafting)
 
 
 def test_oracle_retrack_from_real_outputs(ray_local, checkpoints, target_model, tmp_path):
