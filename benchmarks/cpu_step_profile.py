@@ -1,9 +1,11 @@
 """Step profile on CPU: one greedy request (200 tokens) through a local cluster of a tiny random
-checkpoint, target-only and with a self:4 draft taking turns at k = 4, each with run-ahead off
-and on (the target's plain decodes; the draft's chains drafted ahead). Prints tok/s, wall per
-engine step and the milliseconds per step of each phase (``outrider_step_phase_seconds_total``).
+checkpoint (4 layers): target-only, a self:4 draft (the target itself: everything accepted)
+taking turns, and a self:2 draft (partial acceptance) taking turns and with overlap, all at k = 4,
+each with run-ahead off and on (the target's plain decodes; the draft's chains drafted ahead).
+Prints tok/s, wall per engine step and the milliseconds per step of each phase
+(``outrider_step_phase_seconds_total``).
 
-    python benchmarks/cpu_step_profile.py            # ~1 minute on 2 cores
+    python benchmarks/cpu_step_profile.py            # ~2 minutes on 2 cores
 
 Control plane figures only: a tiny model's forward is not a GPU's.
 """
@@ -47,15 +49,16 @@ def profile(cluster: Cluster) -> tuple[float, float, dict]:
 def main() -> None:
     checkpoint = write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", num_layers=4)
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    for ahead in (False, True):
-        for draft in (None, "self:4"):
+    for draft, overlap in ((None, False), ("self:4", False), ("self:2", False), ("self:2", True)):
+        for ahead in (False, True):
             fields = {"target": str(checkpoint), "kv_budget_tokens": 2048, "cpus_per_worker": 0,
-                      "run_ahead": ahead, "adaptive": False, "overlap": False}
+                      "run_ahead": ahead, "adaptive": False, "overlap": overlap}
             if draft:
                 fields.update(draft=draft, num_draft_tokens=4)
             with Cluster.start(ClusterConfig(**fields)) as cluster:
                 tok_s, step_ms, phases = profile(cluster)
-            print(f"run_ahead={'on' if ahead else 'off'} draft={draft}: {tok_s:.0f} tok/s, {step_ms:.2f} ms per step")
+            print(f"draft={draft}{' overlap' if overlap else ''} run_ahead={'on' if ahead else 'off'}: "
+                  f"{tok_s:.0f} tok/s, {step_ms:.2f} ms per step")
             for key in sorted(phases, key=lambda k: (k.split("role=")[1], k)):
                 print(f"    {key.split('role=')[1]:6s} {key.split(',')[0][6:]:15s} {phases[key]:.3f}")
 
