@@ -246,7 +246,7 @@ class DraftWorker:
         """Run one engine step -> timings and overlap hit counts. ``verify_s``: the engine's estimate
         of the target's verify time, which bounds the speculation (None: unbounded). ``ahead``: draft
         the next chain of these requests as soon as the target's tokens of this step arrive
-        (``draft_ahead``; without overlap, greedy requests, over the step channel)."""
+        (``draft_ahead``; greedy requests, not with pre_verify, over the step channel)."""
         if self._ahead_error is not None:
             error, self._ahead_error = self._ahead_error, None
             raise PeerLostError(f"the draft link failed while drafting ahead: {error}")
@@ -324,21 +324,16 @@ class DraftWorker:
             if req_id in self._tokens:
                 self._tokens[req_id].extend(token_ids)
         t0 = time.perf_counter()
-        by_length: dict[int, list[int]] = {}
-        for req_id, k in plan.items():
-            speculated = self._speculation.get(req_id, (None, None))
-            if req_id in self._tokens and not self._speculation_hit(req_id, *speculated):
-                by_length.setdefault(k, []).append(req_id)  # with overlap: only where the speculation missed
-        for k, group in by_length.items():
-            requests = [ProposeRequest(r, self._tokens[r], self._params[r]) for r in group]
-            try:
-                chains = self.proposer.propose(requests, TreeShape.chain(k))
-            except Exception:  # noqa: BLE001 - e.g. no KV room: the next step drafts as usual (and reports it)
-                log.warning("drafting ahead failed; the next step drafts these %d requests itself", len(group),
-                            exc_info=True)
-                continue
-            for req_id, chain in zip(group, chains):
-                self._ahead[req_id] = (len(self._tokens[req_id]), chain)
+        wanted = {r: k for r, k in plan.items()  # with overlap: only where the speculation missed
+                  if r in self._tokens and not self._speculation_hit(r, *self._speculation.get(r, (None, None)))}
+        try:
+            chains = self._draft_chains(wanted)
+        except Exception:  # noqa: BLE001 - e.g. no KV room: the next step drafts as usual (and reports it)
+            log.warning("drafting ahead failed; the next step drafts these %d requests itself", len(wanted),
+                        exc_info=True)
+            chains = {}
+        for req_id, chain in chains.items():
+            self._ahead[req_id] = (len(self._tokens[req_id]), chain)
         self._ahead_s = time.perf_counter() - t0
 
     @_locked
@@ -415,21 +410,25 @@ class DraftWorker:
                     extend[req_id] = k - len(out[req_id])
             else:
                 fresh[req_id] = 1 if (speculate and self.pre_verify) else k
-        by_length: dict[int, list[int]] = {}
-        for req_id, k in fresh.items():
-            by_length.setdefault(k, []).append(req_id)
-        for k, group in by_length.items():
-            requests = [ProposeRequest(r, self._tokens[r], self._params[r]) for r in group]
-            for req_id, proposal in zip(group, self.proposer.propose(requests, TreeShape.chain(k))):
-                out[req_id] = proposal
-        by_rest: dict[int, list[int]] = {}
-        for req_id, rest in extend.items():
-            by_rest.setdefault(rest, []).append(req_id)
-        for rest, group in by_rest.items():  # after the pre-drafted tokens, in their context
-            requests = [ProposeRequest(r, self._tokens[r] + out[r].token_ids.tolist(), self._params[r]) for r in group]
-            for req_id, more in zip(group, self.proposer.propose(requests, TreeShape.chain(rest))):
-                out[req_id] = chain_concat(out[req_id], more)
+        out.update(self._draft_chains(fresh))
+        # extensions draft after the pre-drafted tokens, in their context
+        more = self._draft_chains(extend, {r: self._tokens[r] + out[r].token_ids.tolist() for r in extend})
+        for req_id, chain in more.items():
+            out[req_id] = chain_concat(out[req_id], chain)
         return out, len(ids) - len(fresh) - used_ahead, len(extend) - extended_ahead, used_ahead
+
+    def _draft_chains(self, lengths: dict[int, int], contexts: dict[int, list[int]] | None = None
+                      ) -> dict[int, Proposal]:
+        """A chain of ``lengths[r]`` tokens for each request, after its tokens (or ``contexts[r]``),
+        drafted in one batch per length."""
+        by_length: dict[int, list[int]] = {}
+        for req_id, k in lengths.items():
+            by_length.setdefault(k, []).append(req_id)
+        out = {}
+        for k, group in by_length.items():
+            requests = [ProposeRequest(r, (contexts or self._tokens)[r], self._params[r]) for r in group]
+            out.update(zip(group, self.proposer.propose(requests, TreeShape.chain(k))))
+        return out
 
     def _speculation_hit(self, req_id: int, assumed, chain) -> bool:
         """Whether a speculation (``assumed`` = (base length, tokens assumed after it), ``chain``)
